@@ -1,0 +1,83 @@
+"""Pick the kernel implementation: Triton on CUDA, pure torch on CPU.
+
+Importing this module imports neither Triton nor any kernel; `get_ops("triton")` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelOps:
+    """The seven model ops of one backend; all share the signatures in kernels.reference."""
+
+    backend: str
+    rms_norm: Callable
+    build_rope_cache: Callable
+    apply_rope: Callable
+    silu_and_mul: Callable
+    store_kv: Callable
+    prefill_attention: Callable
+    decode_attention: Callable
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Map `auto|triton|torch` to a concrete backend for `device`, or raise ValueError."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    device = torch.device(device)
+    if requested == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if requested == "triton" and device.type != "cuda" and not _interpret_mode():
+        raise ValueError(
+            f"backend 'triton' needs a CUDA device (got {device.type!r}); on CPU use 'torch', "
+            "or set TRITON_INTERPRET=1 before starting to run the Triton kernels in the (slow) interpreter"
+        )
+    return requested
+
+
+def get_ops(backend: str) -> KernelOps:
+    """Return the ops for a concrete backend ('torch' or 'triton')."""
+    if backend == "torch":
+        return KernelOps(
+            backend="torch",
+            rms_norm=reference.rms_norm,
+            build_rope_cache=reference.build_rope_cache,
+            apply_rope=reference.apply_rope,
+            silu_and_mul=reference.silu_and_mul,
+            store_kv=reference.store_kv,
+            prefill_attention=reference.prefill_attention,
+            decode_attention=reference.decode_attention,
+        )
+    if backend == "triton":
+        from kernels.decode_attention import decode_attention
+        from kernels.prefill_attention import prefill_attention
+        from kernels.rmsnorm import rms_norm
+        from kernels.rope import apply_rope
+        from kernels.silu_mul import silu_and_mul
+        from kernels.store_kv import store_kv
+
+        return KernelOps(
+            backend="triton",
+            rms_norm=rms_norm,
+            build_rope_cache=reference.build_rope_cache,
+            apply_rope=apply_rope,
+            silu_and_mul=silu_and_mul,
+            store_kv=store_kv,
+            prefill_attention=prefill_attention,
+            decode_attention=decode_attention,
+        )
+    raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")
