@@ -1,0 +1,265 @@
+"""The engine wires scheduler, KV pool, prefix cache and model runner into `step()`.
+
+Thread model: `add_request` and `abort` may be called from any thread; they validate at once
+and leave a command in an inbox that `step()` (one engine thread) drains before scheduling.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine_svc.kv_pool import KVPool
+from engine_svc.model_runner import ModelRunner, RunnerConfig
+from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+from engine_svc.prefix_cache import PrefixCache
+from engine_svc.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepPlan
+from engine_svc.sequence import Sequence, SeqStatus
+from engine_svc.weights import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineConfig", "LLMEngine", "QueueFullError", "RequestOutput", "StepStats"]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything that shapes an engine instance (CLI flags map onto these)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None          # default: min(model's context, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue: int = 1024
+    kv_capacity_tokens: int | None = None
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """New tokens of one request from one step (finish_reason set on its last output)."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What the last step did, for metrics."""
+
+    phase: str = "idle"           # "prefill", "decode" or "mixed"
+    batch_size: int = 0
+    num_tokens: int = 0
+    duration_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class LLMEngine:
+    """In-process engine: add requests, call `step()` until done, read outputs."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 4096),
+                                 mc.max_position_embeddings)
+        self.runner = ModelRunner(RunnerConfig(
+            model=config.model, dtype=config.dtype, device=config.device, backend=config.backend,
+            load_format=config.load_format, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_capacity_tokens=config.kv_capacity_tokens,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed), mc)
+        self.pool = KVPool(self.runner.capacity)
+        self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_queue=config.max_queue),
+            self.pool, self.prefix_cache)
+        self.eos_ids = frozenset(mc.eos_token_ids)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._live: dict[str, Sequence] = {}     # request_id -> sequence, until finished
+        self._pending = 0                       # adds in the inbox, for admission control
+        self.last_step = StepStats()
+
+    # ---- requests in ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    sampling: SamplingParams | None = None,
+                    stopping: StoppingParams | None = None) -> None:
+        """Validate and queue a request. Raises ValueError (bad input) or QueueFullError."""
+        sampling = sampling or SamplingParams()
+        stopping = stopping or StoppingParams()
+        self._validate(request_id, prompt_ids, sampling, stopping)
+        seq = Sequence(request_id, list(prompt_ids), sampling, stopping)
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            if len(self.scheduler.waiting) + self._pending >= self.config.max_queue:
+                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); "
+                                     "retry later")
+            self._live[request_id] = seq
+            self._pending += 1
+        self._inbox.put(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it already ended); its rows are freed at the next step."""
+        self._inbox.put(("abort", request_id))
+
+    def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                  stopping: StoppingParams) -> None:
+        if not request_id:
+            raise ValueError("request_id must not be empty")
+        if not prompt_ids:
+            raise ValueError("prompt_token_ids must hold at least 1 token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids entries must be in [0, {vocab}), got {bad}")
+        sampling.validate()
+        stopping.validate(vocab, self.max_model_len)
+        if len(prompt_ids) + stopping.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({stopping.max_new_tokens}) "
+                f"exceeds max_model_len ({self.max_model_len})")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until a command arrives (or timeout) when there is nothing to run."""
+        if self.scheduler.has_work():
+            return
+        try:
+            self._drain_inbox_blocking(timeout)
+        except queue.Empty:
+            pass
+
+    def _drain_inbox_blocking(self, timeout: float) -> None:
+        command = self._inbox.get(timeout=timeout)
+        self._inbox.put(command)   # keep FIFO order: step() drains it with the rest
+
+    def step(self) -> list[RequestOutput]:
+        """Drain commands, run one forward pass, return every request's new tokens."""
+        outputs = self._drain_inbox()
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if not plan.chunks:
+            self.last_step = StepStats()
+            return outputs
+        started = time.perf_counter()
+        sampled = self.runner.execute(plan)
+        with self._lock:
+            self.scheduler.commit(plan)
+            outputs.extend(self._process(plan, sampled))
+        self.last_step = StepStats(
+            phase="decode" if not plan.prefill else ("prefill" if not plan.decode else "mixed"),
+            batch_size=len(plan.chunks), num_tokens=plan.num_tokens,
+            duration_s=time.perf_counter() - started,
+            prompt_tokens=sum(c.num_tokens for c in plan.prefill),
+            generated_tokens=sum(len(o.token_ids) for o in outputs))
+        return outputs
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            with self._lock:
+                if kind == "add":
+                    self._pending -= 1
+                    if item.status is SeqStatus.FINISHED:
+                        continue  # aborted before it reached the scheduler
+                    self.scheduler.add(item)
+                elif kind == "abort":
+                    seq = self._live.get(item)
+                    if seq is not None:
+                        if seq.status is SeqStatus.WAITING and seq not in self.scheduler.waiting:
+                            seq.status = SeqStatus.FINISHED  # still in the inbox
+                            seq.finish_reason = FinishReason.ABORTED
+                        else:
+                            self.scheduler.finish(seq, FinishReason.ABORTED)
+                        outputs.append(self._final(seq, []))
+
+    def _process(self, plan: StepPlan, sampled) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        sampled_chunks = [c for c in plan.chunks if c.samples]
+        if sampled is None or not sampled_chunks:
+            return outputs
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist()
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        now = time.monotonic()
+        for i, chunk in enumerate(sampled_chunks):
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            token = token_ids[i]
+            seq.output_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            out = RequestOutput(seq.request_id, [token], [logprobs[i]])
+            if seq.sampling.top_logprobs and top_ids is not None:
+                k = seq.sampling.top_logprobs
+                out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))]
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                out = self._final(seq, out.token_ids, out)
+            outputs.append(out)
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in self.eos_ids and not seq.stopping.ignore_eos:
+            return FinishReason.EOS
+        if token in seq.stopping.stop_token_ids:
+            return FinishReason.STOP_TOKEN
+        if len(seq.output_ids) >= seq.stopping.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _final(self, seq: Sequence, token_ids: list[int],
+               out: RequestOutput | None = None) -> RequestOutput:
+        self._live.pop(seq.request_id, None)
+        out = out or RequestOutput(seq.request_id, token_ids)
+        out.finish_reason = seq.finish_reason
+        out.prompt_tokens = len(seq.prompt_ids)
+        out.completion_tokens = len(seq.output_ids)
+        out.cached_prompt_tokens = seq.cached_tokens
+        return out
+
+    # ---- convenience ------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 stopping: StoppingParams | None = None) -> list[list[int]]:
+        """Run prompts to completion together; returns each one's generated token ids."""
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts):
+            self.add_request(request_id, prompt, sampling, stopping)
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for out in self.step():
+                results[out.request_id].extend(out.token_ids)
+        return [results[i] for i in ids]

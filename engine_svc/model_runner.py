@@ -1,0 +1,215 @@
+"""The model runner owns every tensor: weights, the K/V pool tensors, the request->token table.
+
+It turns a `StepPlan` into index tensors (one host->device copy per step), runs the model and
+samples. Bookkeeping (which rows, which slots) is decided by the scheduler beforehand.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
+from engine_svc.sampler import Sampler, SamplerOutput
+from engine_svc.scheduler import ScheduledChunk, StepPlan
+from engine_svc.weights import ModelConfig, load_weights
+from kernels.backend import get_ops, resolve_backend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    """What the runner needs to build the model and its KV tensors."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_capacity_tokens: int | None = None      # CPU: required-ish (default below); CUDA: from memory
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {name!r}")
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    """Builds the model on its device and executes scheduler plans."""
+
+    def __init__(self, config: RunnerConfig, model_config: ModelConfig) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.backend = resolve_backend(config.backend, self.device)
+        torch.manual_seed(config.seed)
+        weights = load_weights(config.model, model_config, self.dtype, self.device,
+                               config.load_format, seed=config.seed)
+        self.model = LlamaModel(model_config, weights, get_ops(self.backend),
+                                config.max_model_len)
+        self.sampler = Sampler(model_config.vocab_size, self.device)
+        self.capacity = self._kv_capacity()
+        shape = (self.capacity, model_config.num_kv_heads, model_config.head_dim)
+        # k, v: per layer [capacity, kv_heads, head_dim]
+        self.cache = KVCache(
+            k=[torch.zeros(shape, dtype=self.dtype, device=self.device)
+               for _ in range(model_config.num_layers)],
+            v=[torch.zeros(shape, dtype=self.dtype, device=self.device)
+               for _ in range(model_config.num_layers)],
+            req_to_token=torch.zeros((config.max_num_seqs, config.max_model_len),
+                                     dtype=torch.int32, device=self.device))
+
+    # ---- capacity ---------------------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model_config
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+
+    def _kv_capacity(self) -> int:
+        if self.device.type != "cuda":
+            return self.config.kv_capacity_tokens or max(16384, self.config.max_model_len)
+        if self.config.kv_capacity_tokens:
+            return self.config.kv_capacity_tokens
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_forward()
+        free, total = torch.cuda.mem_get_info()
+        peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        budget = free * self.config.gpu_memory_utilization - peak_activations
+        capacity = int(budget // self.kv_bytes_per_token())
+        if capacity < self.config.max_model_len:
+            raise ValueError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves "
+                             f"room for {capacity} KV tokens, fewer than max_model_len="
+                             f"{self.config.max_model_len}")
+        log.info("KV pool: %d tokens (%.2f GiB of %.2f GiB)", capacity,
+                 capacity * self.kv_bytes_per_token() / 2**30, total / 2**30)
+        return capacity
+
+    def _profile_forward(self) -> None:
+        """One prefill forward at the token budget, on a scratch pool, to measure peak memory."""
+        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        cfg = self.model_config
+        shape = (tokens, cfg.num_kv_heads, cfg.head_dim)
+        scratch = KVCache(k=[torch.zeros(shape, dtype=self.dtype, device=self.device)] * cfg.num_layers,
+                          v=[torch.zeros(shape, dtype=self.dtype, device=self.device)] * cfg.num_layers,
+                          req_to_token=torch.arange(tokens, dtype=torch.int32,
+                                                    device=self.device).view(1, tokens))
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.zeros(tokens, dtype=torch.int64, device=dev),
+            positions=torch.arange(tokens, device=dev),
+            out_rows=torch.arange(tokens, device=dev),
+            slots=torch.zeros(1, dtype=torch.int32, device=dev),
+            logits_index=torch.tensor([tokens - 1], device=dev),
+            num_decode=0, seq_lens=torch.zeros(0, dtype=torch.int32, device=dev), max_seq_len=0,
+            prefix_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+            cu_new_lens=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+            max_new_len=tokens)
+        self.model.forward(batch, scratch)
+        torch.cuda.synchronize()
+        del scratch
+
+    # ---- one step -----------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+        """Run the plan's forward pass; sample for chunks with `samples` (in plan order)."""
+        batch, sampled = self._build_batch(plan)
+        logits = self.model.forward(batch, self.cache)
+        if not sampled:
+            return None
+        seqs = [chunk.seq for chunk in sampled]
+        for seq in seqs:
+            if seq.sampler_state is None and seq.sampling.seed is not None:
+                seq.sampler_state = torch.Generator(self.device).manual_seed(seq.sampling.seed)
+        return self.sampler(logits, [s.sampling for s in seqs], [s.sampler_state for s in seqs],
+                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+
+    def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[ScheduledChunk]]:
+        chunks = plan.chunks
+        input_ids: list[int] = []
+        positions: list[np.ndarray] = []
+        table_pos: list[np.ndarray] = []     # flat req_to_token indices to (re)write
+        table_rows: list[np.ndarray] = []
+        logits_index: list[int] = []
+        sampled: list[ScheduledChunk] = []
+        max_len = self.config.max_model_len
+        for index, chunk in enumerate(chunks):
+            seq, start, count = chunk.seq, chunk.start, chunk.num_tokens
+            input_ids.extend(seq.token_ids(start, start + count))
+            positions.append(np.arange(start, start + count))
+            # a prefill chunk rewrites the table row up to its start too (those rows may be new
+            # to this slot: prefix-cache hit, re-admission after preemption); decode adds one
+            if index >= len(plan.decode) and start > 0:
+                table_rows.append(seq.rows)
+                table_pos.append(seq.slot * max_len + np.arange(0, start))
+            table_rows.append(chunk.new_rows)
+            table_pos.append(seq.slot * max_len + np.arange(start, start + count))
+            if chunk.samples:
+                logits_index.append(len(input_ids) - 1)
+                sampled.append(chunk)
+        dev = self.device
+        rows_flat = torch.from_numpy(np.concatenate([c.new_rows for c in chunks]))
+        self.cache.req_to_token.view(-1)[torch.from_numpy(np.concatenate(table_pos)).to(dev)] = \
+            torch.from_numpy(np.concatenate(table_rows)).to(dev, torch.int32)
+        nd = len(plan.decode)
+        prefill_lens = [c.num_tokens for c in plan.prefill]
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
+            out_rows=rows_flat.to(dev),
+            slots=torch.tensor([c.seq.slot for c in chunks], dtype=torch.int32, device=dev),
+            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
+            num_decode=nd,
+            seq_lens=torch.tensor([c.start + 1 for c in plan.decode], dtype=torch.int32, device=dev),
+            max_seq_len=max((c.start + 1 for c in plan.decode), default=0),
+            prefix_lens=torch.tensor([c.start for c in plan.prefill], dtype=torch.int32, device=dev),
+            cu_new_lens=torch.tensor(np.concatenate([[0], np.cumsum(prefill_lens, dtype=np.int64)]),
+                                     dtype=torch.int32, device=dev),
+            max_new_len=max(prefill_lens, default=0))
+        return batch, sampled
+
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory in bytes by kind, for the metrics gauges."""
+        kv = self.capacity * self.kv_bytes_per_token()
+        weights = sum(t.numel() * t.element_size() for t in _weight_tensors(self.model.weights))
+        stats = {"kv_cache": kv, "weights": weights}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            stats.update(allocated=torch.cuda.memory_allocated(), total=total, free=free)
+        return stats
+
+
+def _weight_tensors(weights) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in [weights.embed_tokens, weights.final_norm, weights.lm_head]:
+        seen[id(t)] = t
+    for layer in weights.layers:
+        for t in (layer.input_norm, layer.qkv_proj, layer.qkv_bias, layer.o_proj,
+                  layer.post_norm, layer.gate_up_proj, layer.down_proj):
+            if t is not None:
+                seen[id(t)] = t
+    return list(seen.values())

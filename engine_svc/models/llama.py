@@ -1,0 +1,99 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) written against the token KV pool.
+
+One forward pass takes a flat batch of new tokens: the first `num_decode` requests bring one token
+each (decode), the rest bring a run of prompt tokens (prefill, possibly a chunk after a cached
+prefix). K/V of the new tokens are stored into their pool rows first; attention then reads every
+key and value through the request->token table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
+from kernels.backend import KernelOps
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Index tensors of one step, already on the model's device."""
+
+    input_ids: torch.Tensor      # [tokens] int64
+    positions: torch.Tensor      # [tokens] int64 absolute position of each token
+    out_rows: torch.Tensor       # [tokens] int64 pool row receiving each token's K/V
+    slots: torch.Tensor          # [batch] int32 request->token table row per request
+    logits_index: torch.Tensor   # [batch] int64 flat index of each request's last new token
+    num_decode: int              # requests [0, num_decode) are decode, one token each
+    seq_lens: torch.Tensor       # [num_decode] int32 tokens to attend to (current included)
+    max_seq_len: int             # max of seq_lens (0 when no decode)
+    prefix_lens: torch.Tensor    # [num_prefill] int32 tokens cached before this chunk
+    cu_new_lens: torch.Tensor    # [num_prefill + 1] int32 offsets of prefill tokens (from num_decode)
+    max_new_len: int             # longest prefill chunk (0 when no prefill)
+
+
+@dataclass(slots=True)
+class KVCache:
+    """Per-layer K and V pool tensors plus the request->token table."""
+
+    k: list[torch.Tensor]        # per layer [capacity, kv_heads, head_dim]
+    v: list[torch.Tensor]        # per layer [capacity, kv_heads, head_dim]
+    req_to_token: torch.Tensor   # [max_requests, max_model_len] int32
+
+
+class LlamaModel:
+    """Stateless forward over `ModelWeights`; kernels come from `ops` (torch or triton)."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ops: KernelOps,
+                 max_positions: int) -> None:
+        self.config = config
+        self.weights = weights
+        self.ops = ops
+        device = weights.embed_tokens.device
+        # cos_sin: [max_positions, head_dim] float32
+        self.cos_sin = ops.build_rope_cache(config.head_dim, max_positions, config.rope_theta,
+                                            config.rope_scaling, device)
+        self.scale = config.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Run all layers; returns float32 logits [batch, vocab] at each request's last token."""
+        w, ops, eps = self.weights, self.ops, self.config.rms_norm_eps
+        hidden = F.embedding(batch.input_ids, w.embed_tokens)  # [tokens, hidden]
+        residual: torch.Tensor | None = None
+        for index, layer in enumerate(w.layers):
+            x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
+            hidden = self._attention(layer, x, batch, cache.k[index], cache.v[index],
+                                     cache.req_to_token)
+            x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual)
+            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+        last = hidden.index_select(0, batch.logits_index)
+        last_residual = residual.index_select(0, batch.logits_index)
+        x, _ = ops.rms_norm(last, w.final_norm, eps, last_residual)
+        return F.linear(x, w.lm_head).float()  # [batch, vocab]
+
+    def _attention(self, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   req_to_token: torch.Tensor) -> torch.Tensor:
+        cfg, ops = self.config, self.ops
+        tokens, head_dim = x.shape[0], cfg.head_dim
+        q_size, kv_size = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
+        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [tokens, q_size + 2 * kv_size]
+        q = qkv[:, :q_size].reshape(tokens, cfg.num_heads, head_dim).contiguous()
+        k = qkv[:, q_size:q_size + kv_size].reshape(tokens, cfg.num_kv_heads, head_dim).contiguous()
+        v = qkv[:, q_size + kv_size:].reshape(tokens, cfg.num_kv_heads, head_dim).contiguous()
+        ops.apply_rope(q, k, batch.positions, self.cos_sin)
+        ops.store_kv(k_cache, v_cache, k, v, batch.out_rows)
+        nd = batch.num_decode
+        parts = []
+        if nd > 0:
+            parts.append(ops.decode_attention(q[:nd], k_cache, v_cache, req_to_token,
+                                              batch.slots[:nd], batch.seq_lens, self.scale,
+                                              batch.max_seq_len))
+        if nd < tokens:
+            parts.append(ops.prefill_attention(q[nd:], k_cache, v_cache, req_to_token,
+                                               batch.slots[nd:], batch.prefix_lens,
+                                               batch.cu_new_lens, batch.max_new_len, self.scale))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [tokens, heads, head_dim]
+        return F.linear(out.reshape(tokens, q_size), layer.o_proj)

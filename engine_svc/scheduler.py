@@ -1,0 +1,223 @@
+"""Iteration-level continuous batching: decides which tokens each step computes.
+
+The scheduler owns the waiting queue and the running set, gives out pool rows and
+request->token table slots, preempts the newest request when the pool runs dry and
+returns every row when a request ends. It never touches tensors.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine_svc.kv_pool import KVPool
+from engine_svc.params import FinishReason
+from engine_svc.prefix_cache import PrefixCache
+from engine_svc.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Limits the scheduler enforces."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    max_queue: int = 1024
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of one sequence, computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    new_rows: np.ndarray        # [num_tokens] int64 pool rows for these tokens
+    samples: bool               # the chunk reaches the last known token: sample the next one
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step's work: decode chunks (one token each) first, then prefill chunks."""
+
+    decode: list[ScheduledChunk] = field(default_factory=list)
+    prefill: list[ScheduledChunk] = field(default_factory=list)
+    preempted: int = 0
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decode + self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.num_tokens for c in self.prefill)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (admission control)."""
+
+
+class Scheduler:
+    """FCFS continuous batching over a KVPool, with optional prefix cache."""
+
+    def __init__(self, config: SchedulerConfig, pool: KVPool,
+                 prefix_cache: PrefixCache | None = None) -> None:
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs "
+                             f"({config.max_num_batched_tokens} < {config.max_num_seqs})")
+        if pool.capacity < config.max_model_len:
+            raise ValueError(f"KV pool capacity ({pool.capacity} tokens) must hold at least one "
+                             f"full-length request (max_model_len={config.max_model_len})")
+        self.config = config
+        self.pool = pool
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); "
+                                 "retry later")
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence (any state): rows go back to the pool (or the prefix cache)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._release(seq, cache_it=reason is not FinishReason.ABORTED)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Pick this step's tokens: running decodes, running prefill chunks, then admissions."""
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        budget -= self._schedule_decodes(plan)
+        budget = self._schedule_running_prefills(plan, budget)
+        self._admit(plan, budget)
+        return plan
+
+    def _schedule_decodes(self, plan: StepPlan) -> int:
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        while decoding:
+            rows = self._alloc(len(decoding))
+            if rows is not None:
+                break
+            victim = self._preempt_newest()
+            plan.preempted += 1
+            if victim in decoding:
+                decoding.remove(victim)
+        else:
+            return 0
+        for seq, row in zip(decoding, rows):
+            plan.decode.append(ScheduledChunk(seq, seq.num_computed, 1, row.reshape(1), True))
+        return len(decoding)
+
+    def _schedule_running_prefills(self, plan: StepPlan, budget: int) -> int:
+        for seq in [s for s in self.running if s.num_uncomputed > 1]:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below, to make room for an older one
+            count = min(seq.num_uncomputed, budget)
+            rows = self._alloc(count)
+            # Only preempt while nothing is planned: a planned chunk must not lose its sequence.
+            # The oldest request alone always fits (capacity >= max_model_len), so this progresses.
+            while rows is None and not plan.chunks and self.running[-1] is not seq:
+                self._preempt_newest()
+                plan.preempted += 1
+                rows = self._alloc(count)
+            if rows is None:
+                continue
+            plan.prefill.append(self._chunk(seq, count, rows))
+            budget -= count
+        return budget
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and self.free_slots:
+            seq = self.waiting[0]
+            cached = self._match_prefix(seq)
+            count = min(seq.num_uncomputed, budget)
+            # keep one free row per running request so the next decode step need not preempt
+            reserve = len(self.running) + 1
+            rows = self._alloc(count, reserve=reserve)
+            if rows is None:
+                if cached:
+                    self.pool.free(seq.drop_rows())
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            plan.prefill.append(self._chunk(seq, count, rows))
+            budget -= count
+
+    def _chunk(self, seq: Sequence, count: int, rows: np.ndarray) -> ScheduledChunk:
+        return ScheduledChunk(seq, seq.num_computed, count, rows,
+                              seq.num_computed + count == seq.num_tokens)
+
+    def _match_prefix(self, seq: Sequence) -> int:
+        """Reuse cached rows for the longest known prefix (at least one token left to compute)."""
+        if self.prefix_cache is None or seq.num_computed:
+            return 0
+        tokens = seq.all_token_ids()[:-1]
+        rows = self.prefix_cache.match(tokens)
+        self.prefix_queried_tokens += len(tokens)
+        self.prefix_hit_tokens += len(rows)
+        if len(rows):
+            seq.append_rows(rows)
+        if seq.num_preemptions == 0:
+            seq.cached_tokens = min(len(rows), len(seq.prompt_ids))
+        return len(rows)
+
+    # ---- after the forward pass -----------------------------------------------------------
+    def commit(self, plan: StepPlan) -> None:
+        """Record that the plan's K/V are now in their rows."""
+        for chunk in plan.chunks:
+            if chunk.seq.status is SeqStatus.RUNNING:
+                chunk.seq.append_rows(chunk.new_rows)
+            else:  # aborted while the step ran
+                self.pool.free(chunk.new_rows)
+
+    # ---- rows -------------------------------------------------------------------------------
+    def _alloc(self, count: int, reserve: int = 0) -> np.ndarray | None:
+        need = count + reserve
+        if self.pool.num_free < need and self.prefix_cache is not None:
+            self.prefix_cache.evict(need - self.pool.num_free)
+        if self.pool.num_free < need:
+            return None
+        return self.pool.alloc(count)
+
+    def _preempt_newest(self) -> Sequence:
+        victim = self.running.pop()
+        self._release(victim, cache_it=False)
+        victim.status = SeqStatus.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    def _release(self, seq: Sequence, cache_it: bool) -> None:
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        rows = seq.drop_rows()
+        if cache_it and self.prefix_cache is not None and len(rows):
+            self.prefix_cache.insert(seq.token_ids(0, len(rows)), rows)
+        if len(rows):
+            self.pool.free(rows)

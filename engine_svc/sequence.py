@@ -1,0 +1,81 @@
+"""A request as the scheduler sees it: token ids, pool rows, progress. No torch here."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+
+
+class SeqStatus(Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request: prompt + generated ids, and the pool rows holding their K/V."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int = -1                      # row of the request->token table while running
+    num_computed: int = 0               # tokens whose K/V sit in the pool
+    cached_tokens: int = 0              # prompt tokens served by the prefix cache (first admission)
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    sampler_state: object = None        # the model runner's per-request state (seeded generator)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    _rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Pool rows of tokens [0, num_computed), a view (do not keep across steps)."""
+        return self._rows[:self.num_computed]
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions [start, stop) of prompt + output."""
+        prompt_len = len(self.prompt_ids)
+        if stop <= prompt_len:
+            return self.prompt_ids[start:stop]
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len:stop - prompt_len]
+        return self.prompt_ids[start:] + self.output_ids[:stop - prompt_len]
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def append_rows(self, new_rows: np.ndarray) -> None:
+        """Record that the next len(new_rows) tokens now have K/V in these rows."""
+        end = self.num_computed + len(new_rows)
+        if end > len(self._rows):
+            grown = np.empty(max(end, 2 * len(self._rows), 16), dtype=np.int64)
+            grown[:self.num_computed] = self._rows[:self.num_computed]
+            self._rows = grown
+        self._rows[self.num_computed:end] = new_rows
+        self.num_computed = end
+
+    def drop_rows(self) -> np.ndarray:
+        """Forget every row (preemption / end); returns them for the caller to free."""
+        rows = self._rows[:self.num_computed].copy()
+        self.num_computed = 0
+        return rows
