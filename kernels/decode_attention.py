@@ -1,0 +1,216 @@
+"""Split-K flash-decoding through the request->token table (Triton). Twin of kernels.reference.decode_attention.
+
+Stage 1: one program per (request, kv head, split) handles all query heads of that kv head (GQA) over
+one slice of the request's tokens and writes a normalised partial output plus its log-sum-exp.
+Stage 2: one program per (request, query head) merges the splits' partials weighted by exp(lse).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels import _checks
+
+LOG2_E = 1.4426950408889634
+BLOCK_N = 64  # context tokens per inner step (GPU)
+MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # *T [batch, q_heads, HEAD_DIM]: one query per request
+    k_cache_ptr,  # *T [capacity, kv_heads, HEAD_DIM]: K pool
+    v_cache_ptr,  # *T [capacity, kv_heads, HEAD_DIM]: V pool
+    req_to_token_ptr,  # *i32 [max_requests, max_model_len]: pool row of token j of request r
+    slots_ptr,  # *i32 [batch]: req_to_token row of each request
+    seq_lens_ptr,  # *i32 [batch]: tokens to attend to per request
+    partial_out_ptr,  # *f32 [batch, q_heads, NUM_SPLITS, HEAD_DIM]: normalised partial outputs
+    partial_lse_ptr,  # *f32 [batch, q_heads, NUM_SPLITS]: log2-sum-exp2 of each split's scores
+    q_batch_stride,  # elements between requests of q
+    q_head_stride,  # elements between heads of q
+    k_row_stride,  # elements between pool rows of k_cache
+    k_head_stride,  # elements between heads of k_cache
+    v_row_stride,  # elements between pool rows of v_cache
+    v_head_stride,  # elements between heads of v_cache
+    req_to_token_stride,  # elements between rows of req_to_token
+    group,  # q_heads // kv_heads
+    qk_scale,  # softmax scale * log2(e)
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # power of two >= group, at least 16 (tl.dot minimum)
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (the default)
+):
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + request)
+    slot = tl.load(slots_ptr + request).to(tl.int64)
+    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    split_start = split * split_len
+    split_end = tl.minimum(split_start + split_len, seq_len)
+
+    group_ids = tl.arange(0, BLOCK_G)
+    g_mask = group_ids < group
+    heads = kv_head * group + group_ids  # [BLOCK_G] query heads served by this kv head
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + request.to(tl.int64) * q_batch_stride + heads[:, None] * q_head_stride + dims[None, :]
+    query = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    r2t_row = req_to_token_ptr + slot * req_to_token_stride
+    for n_start in range(split_start, split_end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < split_end
+        rows = tl.load(r2t_row + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] pool rows
+        k_ptrs = k_cache_ptr + rows[:, None] * k_row_stride + kv_head * k_head_stride + dims[None, :]
+        keys = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        v_ptrs = v_cache_ptr + rows[:, None] * v_row_stride + kv_head * v_head_stride + dims[None, :]
+        values = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        acc = acc * alpha[:, None]
+        acc += tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_tokens = l_i > 0  # false for an empty split (and for padded heads never stored)
+    safe_l = tl.where(has_tokens, l_i, 1.0)
+    partial = tl.where(has_tokens[:, None], acc / safe_l[:, None], 0.0)
+    lse = tl.where(has_tokens, m_i + tl.log2(safe_l), float("-inf"))
+    row_base = (request.to(tl.int64) * group * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [BLOCK_G]
+    tl.store(partial_out_ptr + row_base[:, None] * HEAD_DIM + dims[None, :], partial, mask=g_mask[:, None])
+    tl.store(partial_lse_ptr + row_base, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    partial_out_ptr,  # *f32 [batch, q_heads, NUM_SPLITS, HEAD_DIM]
+    partial_lse_ptr,  # *f32 [batch, q_heads, NUM_SPLITS]; -inf marks an empty split
+    out_ptr,  # *T [batch, q_heads, HEAD_DIM]
+    out_batch_stride,  # elements between requests of out
+    out_head_stride,  # elements between heads of out
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # power of two >= NUM_SPLITS
+):
+    request = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    q_heads = tl.num_programs(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_DIM)
+    base = (request * q_heads + head) * NUM_SPLITS
+    lse = tl.load(partial_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    valid = lse > float("-inf")  # [BLOCK_S]
+    lse_max = tl.max(tl.where(valid, lse, -1e30), axis=0)
+    weights = tl.where(valid, tl.exp2(lse - lse_max), 0.0)  # [BLOCK_S]
+    partial_ptrs = partial_out_ptr + (base + splits[:, None]) * HEAD_DIM + dims[None, :]
+    partials = tl.load(partial_ptrs, mask=valid[:, None], other=0.0)  # [BLOCK_S, HEAD_DIM]
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(partials * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    out_ptrs = out_ptr + request * out_batch_stride + head * out_head_stride + dims
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pick_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Enough splits to give every SM a few programs, never slices shorter than MIN_SPLIT_TOKENS.
+
+    Depends only on (batch, kv_heads, max_seq_len, device), so a captured CUDA graph stays valid
+    as long as the caller passes a fixed max_seq_len.
+    """
+    if device.type == "cuda":
+        target_programs = 4 * _multiprocessor_count(device.index or 0)
+    else:
+        target_programs = 8  # interpreter: still exercise several splits
+    by_occupancy = triton.cdiv(target_programs, max(batch * kv_heads, 1))
+    min_split = 16 if os.environ.get("TRITON_INTERPRET") == "1" else MIN_SPLIT_TOKENS
+    by_length = triton.cdiv(max(max_seq_len, 1), min_split)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor, slots: Tensor,
+           seq_lens: Tensor) -> None:
+    _checks.check_kv_pool(k_cache, v_cache)
+    _checks.check_rank("q", q, 3)
+    _checks.check_unit_last_stride("q", q)
+    if q.dtype != k_cache.dtype or q.shape[2] != k_cache.shape[2]:
+        raise ValueError(
+            f"q must share dtype and head_dim with the pool ({k_cache.dtype}, {k_cache.shape[2]}), "
+            f"got {q.dtype}, {q.shape[2]}"
+        )
+    _checks.check_gqa(q.shape[1], k_cache.shape[1])
+    if req_to_token.dtype != torch.int32 or req_to_token.dim() != 2:
+        raise ValueError(f"req_to_token must be 2-D int32, got {req_to_token.dtype} {tuple(req_to_token.shape)}")
+    _checks.check_unit_last_stride("req_to_token", req_to_token)
+    for name, index in (("slots", slots), ("seq_lens", seq_lens)):
+        _checks.check_index(name, index)
+        _checks.check_contiguous(name, index)
+        _checks.check_length(name, index, q.shape[0])
+    _checks.check_same_device(q=q, k_cache=k_cache, req_to_token=req_to_token, slots=slots, seq_lens=seq_lens)
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    slots: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    max_seq_len: int,
+) -> Tensor:
+    """One query per request q [batch, q_heads, d] over its first seq_lens[b] pool tokens."""
+    _check(q, k_cache, v_cache, req_to_token, slots, seq_lens)
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block_n = 16 if interpret else BLOCK_N
+    num_splits = _pick_num_splits(batch, kv_heads, int(max_seq_len), q.device)
+    partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, req_to_token, slots, seq_lens, partial_out, partial_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        req_to_token.stride(0),
+        group,
+        float(scale) * LOG2_E,
+        NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    _decode_combine_kernel[(batch, q_heads)](
+        partial_out, partial_lse, out,
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=1 if interpret else 4,
+    )
+    return out
