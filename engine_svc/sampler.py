@@ -1,0 +1,223 @@
+"""Next-token sampling for a batch of rows, each with its own SamplingParams.
+
+Order of operations per row (greedy rows stop after step 1):
+  1. penalties (repetition over prompt+output, presence/frequency over output) -> greedy argmax
+  2. temperature scaling
+  3. top-k and top-p (one descending sort), then min-p (relative to the top token)
+  4. exponential race: token = argmax(p_i / E_i), E_i ~ Exp(1), i.e. argmax(logit_i - log E_i)
+
+Seeded rows draw their noise ([vocab] per step) from their own generator, so a seeded row yields
+the same tokens whatever batch it sits in; unseeded rows share the sampler's generator. The
+returned logprobs describe the model's raw distribution (log-softmax of the unmodified logits).
+Rows' params are assumed already validated (SamplingParams.validate at admission).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine_svc.params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Per-row results of one sampling step."""
+
+    token_ids: torch.Tensor  # [batch] int64
+    logprobs: torch.Tensor  # [batch] float32, raw-logit log-softmax at the chosen token
+    top_ids: torch.Tensor | None  # [batch, k] int64, k = max top_logprobs in the batch
+    top_logprobs: torch.Tensor | None  # [batch, k] float32, raw-logit log-softmax, descending
+
+
+class Sampler:
+    """Turns a batch of logits into next tokens, one SamplingParams per row."""
+
+    def __init__(self, vocab_size: int, device: torch.device, seed: int | None = None) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None],
+                 prompt_ids: list[Sequence[int]],
+                 output_ids: list[Sequence[int]]) -> SamplerOutput:
+        raw = self._checked_logits(logits, params, generators, prompt_ids, output_ids)
+        log_norm = torch.logsumexp(raw, dim=-1)  # [batch]
+        any_penalty = any(p.has_penalties for p in params)
+        all_greedy = all(p.greedy for p in params)
+        if all_greedy and not any_penalty:
+            token_ids = raw.argmax(dim=-1)  # fast path: no sort, no per-row work
+        else:
+            token_ids = self._choose(raw, params, generators, prompt_ids, output_ids)
+        logprobs = raw.gather(1, token_ids[:, None]).squeeze(1) - log_norm  # [batch]
+        top_k = min(max((p.top_logprobs for p in params), default=0), self.vocab_size)
+        top_ids = top_logprobs = None
+        if top_k > 0:
+            top_values, top_ids = raw.topk(top_k, dim=-1)  # [batch, k], descending
+            top_logprobs = top_values - log_norm[:, None]
+        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+
+    def _checked_logits(self, logits: torch.Tensor, params: list[SamplingParams],
+                        generators: list[torch.Generator | None],
+                        prompt_ids: list[Sequence[int]],
+                        output_ids: list[Sequence[int]]) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits must have at least vocab_size={self.vocab_size} columns, "
+                             f"got {logits.shape[1]}")
+        batch = logits.shape[0]
+        for name, rows in (("params", params), ("generators", generators),
+                           ("prompt_ids", prompt_ids), ("output_ids", output_ids)):
+            if len(rows) != batch:
+                raise ValueError(f"{name} must have one entry per logits row ({batch}), "
+                                 f"got {len(rows)}")
+        # Columns past vocab_size (a padded lm_head) are never sampled.
+        return logits[:, :self.vocab_size].float()  # [batch, vocab]
+
+    def _choose(self, raw: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None],
+                prompt_ids: list[Sequence[int]],
+                output_ids: list[Sequence[int]]) -> torch.Tensor:
+        """Token ids for a batch that needs penalties and/or random sampling."""
+        penalised = apply_penalties(raw, params, prompt_ids, output_ids)  # [batch, vocab]
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return penalised.argmax(dim=-1)
+        device = raw.device
+        # Greedy rows get neutral settings; their sampled value is replaced below.
+        sampling = [SamplingParams() if g else p for p, g in zip(params, greedy)]
+        temperature = _row_tensor([p.temperature for p in sampling], torch.float32, device)
+        scores = penalised / temperature[:, None]  # [batch, vocab]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in sampling):
+            top_k = top_p = None
+            if any(p.top_k > 0 for p in sampling):
+                top_k = _row_tensor([p.top_k for p in sampling], torch.int64, device)
+            if any(p.top_p < 1.0 for p in sampling):
+                top_p = _row_tensor([p.top_p for p in sampling], torch.float32, device)
+            scores = mask_top_k_top_p(scores, top_k, top_p)
+        if any(p.min_p > 0.0 for p in sampling):
+            min_p = _row_tensor([p.min_p for p in sampling], torch.float32, device)
+            scores = mask_min_p(scores, min_p)
+        noise = self._exponential_noise(greedy, generators, raw.shape, device)
+        sampled = (scores - noise.log()).argmax(dim=-1)  # [batch]
+        if any(greedy):
+            greedy_rows = _row_tensor(greedy, torch.bool, device)
+            sampled = torch.where(greedy_rows, penalised.argmax(dim=-1), sampled)
+        return sampled
+
+    def _exponential_noise(self, greedy: list[bool], generators: list[torch.Generator | None],
+                           shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise [batch, vocab]: seeded rows from their own generator, greedy rows 1."""
+        unseeded = [i for i, (g, gen) in enumerate(zip(greedy, generators))
+                    if not g and gen is None]
+        if len(unseeded) == shape[0]:
+            noise = torch.empty(shape, dtype=torch.float32, device=device)
+            noise.exponential_(generator=self._generator)
+        else:
+            noise = torch.ones(shape, dtype=torch.float32, device=device)
+            if unseeded:
+                shared = torch.empty((len(unseeded), shape[1]), dtype=torch.float32,
+                                     device=device).exponential_(generator=self._generator)
+                noise[_row_tensor(unseeded, torch.int64, device)] = shared
+            for row, (g, gen) in enumerate(zip(greedy, generators)):
+                if not g and gen is not None:
+                    noise[row].exponential_(generator=gen)  # [vocab] from the row's own stream
+        # Exp(1) may return exactly 0 on some backends; log(0) would make the token certain.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    prompt_ids: list[Sequence[int]],
+                    output_ids: list[Sequence[int]]) -> torch.Tensor:
+    """Repetition (prompt+output, HF style) then presence/frequency (output, OpenAI style)."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    device = logits.device
+    vocab = logits.shape[1]
+    chosen = [params[i] for i in rows]
+    row_index = _row_tensor(rows, torch.int64, device)
+    sub = logits[row_index]  # [n_rows, vocab] (a copy)
+    output_counts = torch.zeros(sub.shape, dtype=torch.float32, device=device)
+    output_index = _flat_token_index([output_ids[i] for i in rows], vocab, device)
+    output_counts.view(-1).scatter_add_(
+        0, output_index, torch.ones(output_index.shape, dtype=torch.float32, device=device))
+    if any(p.repetition_penalty != 1.0 for p in chosen):
+        present = output_counts > 0  # [n_rows, vocab]
+        prompt_index = _flat_token_index(
+            [prompt_ids[i] if params[i].repetition_penalty != 1.0 else () for i in rows],
+            vocab, device)
+        present.view(-1)[prompt_index] = True
+        penalty = _row_tensor([p.repetition_penalty for p in chosen], torch.float32, device)
+        penalty = penalty[:, None]
+        scaled = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(present, scaled, sub)
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in chosen):
+        presence = _row_tensor([p.presence_penalty for p in chosen], torch.float32, device)
+        frequency = _row_tensor([p.frequency_penalty for p in chosen], torch.float32, device)
+        sub = sub - (presence[:, None] * (output_counts > 0) + frequency[:, None] * output_counts)
+    if len(rows) == logits.shape[0]:
+        return sub
+    return logits.index_copy(0, row_index, sub)
+
+
+def mask_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor | None,
+                     top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set to -inf what top-k (0 = off) and then top-p (1 = off) drop; one sort per call.
+
+    scores: [batch, vocab]; top_k: [batch] int64 or None; top_p: [batch] float32 or None.
+    Top-p keeps the smallest prefix (by descending prob, after top-k) whose mass >= top_p.
+    """
+    vocab = scores.shape[1]
+    sorted_scores, sorted_ids = scores.sort(dim=-1, descending=True)  # [batch, vocab]
+    drop = torch.zeros(sorted_scores.shape, dtype=torch.bool, device=scores.device)
+    if top_k is not None:
+        ranks = torch.arange(vocab, device=scores.device)[None, :]  # [1, vocab]
+        keep_count = torch.where(top_k > 0, top_k.clamp_max(vocab), vocab)  # [batch]
+        drop = ranks >= keep_count[:, None]  # [batch, vocab], sorted order
+    if top_p is not None:
+        probs = sorted_scores.masked_fill(drop, _NEG_INF).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # [batch, vocab]
+        # Rows with top_p == 1 are left alone: float32 cumsum may reach 1.0 before the tail.
+        drop |= (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop_by_token = torch.empty_like(drop).scatter_(1, sorted_ids, drop)
+    return scores.masked_fill(drop_by_token, _NEG_INF)
+
+
+def mask_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf tokens whose prob < min_p * max prob. scores: [batch, vocab]; min_p: [batch]."""
+    row_max = scores.max(dim=-1, keepdim=True).values  # [batch, 1]
+    threshold = row_max + torch.log(min_p)[:, None]  # log(0) = -inf keeps everything
+    return scores.masked_fill(scores < threshold, _NEG_INF)
+
+
+def _row_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One host->device copy of a per-row parameter list."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _flat_token_index(seqs: list[Sequence[int]], vocab: int,
+                      device: torch.device) -> torch.Tensor:
+    """Index into a flattened [len(seqs), vocab] table of every token of every sequence."""
+    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    if lengths.sum() == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    tokens = np.concatenate(arrays)
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}), got min {tokens.min()} "
+                         f"max {tokens.max()}")
+    rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
+    return torch.from_numpy(rows * vocab + tokens).to(device)
