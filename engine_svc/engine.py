@@ -124,6 +124,14 @@ class LLMEngine:
         """Abort a request (no-op if it already ended); its rows are freed at the next step."""
         self._inbox.put(("abort", request_id))
 
+    def is_live(self, request_id: str) -> bool:
+        """True while the request is queued or running."""
+        return request_id in self._live
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every prefix-cache reference at the next step (rows in use stay in use)."""
+        self._inbox.put(("clear_cache", None))
+
     def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                   stopping: StoppingParams) -> None:
         if not request_id:
@@ -192,6 +200,9 @@ class LLMEngine:
                     if item.status is SeqStatus.FINISHED:
                         continue  # aborted before it reached the scheduler
                     self.scheduler.add(item)
+                elif kind == "clear_cache":
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.clear()
                 elif kind == "abort":
                     seq = self._live.get(item)
                     if seq is not None:

@@ -1,0 +1,86 @@
+"""`python -m engine_svc`: serve a model over the internal llmserve.v1.Engine gRPC API."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine_svc",
+        description="llmserve engine service: token ids in, streamed token ids out (gRPC), "
+                    "continuous batching over a reference-counted token KV pool. "
+                    "Prometheus metrics on --metrics-port.")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json, "
+                   "*.safetensors, generation_config.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: loopback only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=50052, help="gRPC port (default 50052)")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus /metrics HTTP port (default 8002; -1 disables)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="kernels: triton on CUDA, torch on CPU (auto)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy = random weights for the config (benchmarks)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + generated tokens per request (default: min(model context, 4096))")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step; longer prompts are prefilled in chunks")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="waiting requests beyond which Generate fails with RESOURCE_EXHAUSTED")
+    p.add_argument("--kv-capacity-tokens", type=int, default=None,
+                   help="KV pool size in tokens (CPU default 16384; CUDA: from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of free GPU memory after profiling given to the KV pool")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share KV rows of common prompt prefixes (default on)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight streams before exiting")
+    p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"error: --model {args.model}: no config.json there", file=sys.stderr)
+        return 2
+    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.server import serve
+
+    try:
+        engine = LLMEngine(EngineConfig(
+            model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+            load_format=args.load_format, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_queue=args.max_queue, kv_capacity_tokens=args.kv_capacity_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runner = engine.runner
+    logging.getLogger("engine_svc").info(
+        "model %s: dtype=%s device=%s backend=%s max_model_len=%d kv_pool=%d tokens",
+        args.model, runner.dtype, runner.device, runner.backend, engine.max_model_len,
+        engine.pool.capacity)
+    asyncio.run(serve(engine, host=args.host, port=args.port,
+                      metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                      model_name=Path(args.model).name, drain_timeout=args.drain_timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Prometheus metrics of the engine service (names are the contract in DESIGN.md)."""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from engine_svc.engine import LLMEngine, RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                    2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.5, 1.0, 2.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+FINISH_REASONS = ("length", "eos", "stop_sequence", "stop_token", "aborted")
+
+
+class EngineMetrics:
+    """Owns the engine's registry; the engine thread calls `record_step` after every step."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        self.kv_capacity = Gauge("llmserve_kv_pool_capacity_tokens",
+                                 "KV pool capacity in tokens", registry=r)
+        self.kv_used = Gauge("llmserve_kv_pool_used_tokens", "KV pool rows in use", registry=r)
+        self.kv_usage = Gauge("llmserve_kv_pool_usage_ratio", "used / capacity", registry=r)
+        self.kv_shared = Gauge("llmserve_kv_pool_shared_tokens",
+                               "KV pool rows held by more than one holder", registry=r)
+        self.running = Gauge("llmserve_requests_running", "requests in the running batch",
+                             registry=r)
+        self.waiting = Gauge("llmserve_requests_waiting", "requests in the waiting queue",
+                             registry=r)
+        self.prompt_tokens = Counter("llmserve_prompt_tokens",
+                                     "prompt tokens prefilled (cache hits excluded)", registry=r)
+        self.generation_tokens = Counter("llmserve_generation_tokens", "tokens generated",
+                                         registry=r)
+        self.prefix_queried = Counter("llmserve_prefix_cache_queried_tokens",
+                                      "prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hit = Counter("llmserve_prefix_cache_hit_tokens",
+                                  "prompt tokens served by the prefix cache", registry=r)
+        self.preemptions = Counter("llmserve_preemptions", "requests preempted for KV room",
+                                   registry=r)
+        self.finished = Counter("llmserve_requests_finished", "requests ended, by reason",
+                                ["reason"], registry=r)
+        self.ttft = Histogram("llmserve_time_to_first_token_seconds", "arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("llmserve_inter_token_latency_seconds", "time between tokens",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("llmserve_e2e_request_latency_seconds", "arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("llmserve_batch_size", "requests per step",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.step_duration = Histogram("llmserve_step_duration_seconds", "one forward + sample",
+                                       ["phase"], buckets=_STEP_BUCKETS, registry=r)
+        self.device_memory = Gauge("llmserve_device_memory_bytes", "device memory by kind",
+                                   ["kind"], registry=r)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason=reason)
+        for phase in ("prefill", "decode", "mixed"):
+            self.step_duration.labels(phase=phase)
+        self.kv_capacity.set(engine.pool.capacity)
+        self._arrival: dict[str, float] = {}
+        self._last_token: dict[str, float] = {}
+        self._seen_preemptions = 0
+        self._seen_queried = 0
+        self._seen_hit = 0
+        self._memory_checked = 0.0
+        self.record_step([])
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def on_request_added(self, request_id: str) -> None:
+        self._arrival[request_id] = time.monotonic()
+
+    def record_step(self, outputs: list[RequestOutput]) -> None:
+        """Update every metric from the engine's state and one step's outputs."""
+        engine, now = self.engine, time.monotonic()
+        step = engine.last_step
+        if step.batch_size:
+            self.batch_size.observe(step.batch_size)
+            self.step_duration.labels(phase=step.phase).observe(step.duration_s)
+            self.prompt_tokens.inc(step.prompt_tokens)
+        for out in outputs:
+            self._record_output(out, now)
+        self._record_pool(engine)
+        if now - self._memory_checked > 1.0:
+            self._memory_checked = now
+            for kind, value in engine.runner.memory_stats().items():
+                self.device_memory.labels(kind=kind).set(value)
+
+    def _record_output(self, out: RequestOutput, now: float) -> None:
+        arrival = self._arrival.get(out.request_id, now)
+        if out.token_ids:
+            self.generation_tokens.inc(len(out.token_ids))
+            last = self._last_token.get(out.request_id)
+            if last is None:
+                self.ttft.observe(now - arrival)
+            else:
+                self.itl.observe(now - last)
+            self._last_token[out.request_id] = now
+        if out.finished:
+            self.finished.labels(reason=out.finish_reason.value).inc()
+            self.e2e.observe(now - arrival)
+            self._arrival.pop(out.request_id, None)
+            self._last_token.pop(out.request_id, None)
+
+    def _record_pool(self, engine: LLMEngine) -> None:
+        pool, scheduler = engine.pool, engine.scheduler
+        self.kv_used.set(pool.num_used)
+        self.kv_usage.set(pool.num_used / pool.capacity)
+        self.kv_shared.set(pool.num_shared)
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
+        self._seen_preemptions = scheduler.num_preemptions
+        self.prefix_queried.inc(scheduler.prefix_queried_tokens - self._seen_queried)
+        self._seen_queried = scheduler.prefix_queried_tokens
+        self.prefix_hit.inc(scheduler.prefix_hit_tokens - self._seen_hit)
+        self._seen_hit = scheduler.prefix_hit_tokens

@@ -1,0 +1,236 @@
+"""gRPC edge of the engine: the only engine module that sees protobuf objects.
+
+The engine runs on its own thread (`EngineLoop`); each Generate call owns an asyncio queue
+that the loop feeds with `RequestOutput`s as soon as a step samples them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine_svc.engine import LLMEngine, QueueFullError, RequestOutput
+from engine_svc.metrics import EngineMetrics
+from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
+
+log = logging.getLogger("engine_svc")
+
+SERVICE_NAME = "llmserve.v1.Engine"
+_FINISH_TO_PROTO = {
+    FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generate_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: generate_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: generate_pb2.FINISH_REASON_STOP_TOKEN,
+    FinishReason.ABORTED: generate_pb2.FINISH_REASON_ABORTED,
+}
+
+
+class EngineLoop:
+    """Runs `engine.step()` on a background thread and routes outputs to asyncio queues."""
+
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.loop = loop
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.engine.wait_for_work(timeout=0.05)
+                outputs = self.engine.step()
+                self.metrics.record_step(outputs)
+                if outputs:
+                    self.loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as err:  # a crash here must not leave streams hanging
+            log.exception("engine loop crashed")
+            self.error = err
+            self.loop.call_soon_threadsafe(self._fail_all)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self.queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_all(self) -> None:
+        for queue in self.queues.values():
+            queue.put_nowait(None)
+
+
+def _sampling_from_proto(msg: generate_pb2.SamplingParams, top_logprobs: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k, min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else None, top_logprobs=top_logprobs)
+
+
+def _response(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
+    msg = engine_pb2.EngineGenerateResponse(token_ids=out.token_ids)
+    for i, (token, logprob) in enumerate(zip(out.token_ids, out.logprobs)):
+        if out.top_logprobs:
+            entry = msg.logprobs.add(token_id=token, logprob=logprob)
+            for top_id, top_lp in out.top_logprobs[i]:
+                entry.top.add(token_id=top_id, logprob=top_lp)
+    if out.finished:
+        msg.finish_reason = _FINISH_TO_PROTO[out.finish_reason]
+        msg.usage.prompt_tokens = out.prompt_tokens
+        msg.usage.completion_tokens = out.completion_tokens
+        msg.usage.cached_prompt_tokens = out.cached_prompt_tokens
+    return msg
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    """llmserve.v1.Engine over an LLMEngine running on an EngineLoop."""
+
+    def __init__(self, engine: LLMEngine, loop: EngineLoop, model_name: str) -> None:
+        self.engine = engine
+        self.engine_loop = loop
+        self.model_name = model_name
+        self.draining = False
+        self.inflight = 0
+
+    async def Generate(self, request, context):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.engine_loop.queues:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id {request_id!r} is already in flight")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.engine_loop.queues[request_id] = queue
+        finished = False
+        self.inflight += 1
+        try:
+            try:
+                sampling = _sampling_from_proto(request.sampling, request.top_logprobs)
+                stopping = StoppingParams(max_new_tokens=request.max_new_tokens,
+                                          stop_token_ids=list(request.stop_token_ids),
+                                          ignore_eos=request.ignore_eos)
+                self.engine_loop.metrics.on_request_added(request_id)
+                self.engine.add_request(request_id, list(request.prompt_token_ids), sampling,
+                                        stopping)
+            except QueueFullError as err:
+                finished = True
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            except ValueError as err:
+                finished = True
+                code = (grpc.StatusCode.ALREADY_EXISTS if "already in flight" in str(err)
+                        else grpc.StatusCode.INVALID_ARGUMENT)
+                await context.abort(code, str(err))
+            while True:
+                out = await queue.get()
+                if out is None:
+                    finished = True
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"engine loop failed: {self.engine_loop.error!r}")
+                yield _response(out)
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            self.inflight -= 1
+            self.engine_loop.queues.pop(request_id, None)
+            if not finished:  # client went away (cancel, deadline): free its KV now
+                self.engine.abort(request_id)
+
+    async def Abort(self, request, context):
+        found = self.engine.is_live(request.request_id)
+        self.engine.abort(request.request_id)
+        return engine_pb2.AbortResponse(found=found)
+
+    async def GetInfo(self, request, context):
+        engine, runner = self.engine, self.engine.runner
+        return engine_pb2.EngineInfo(
+            model=self.model_name, dtype=str(runner.dtype).removeprefix("torch."),
+            device=str(runner.device), backend=runner.backend,
+            max_model_len=engine.max_model_len, kv_pool_capacity_tokens=engine.pool.capacity,
+            vocab_size=engine.model_config.vocab_size,
+            eos_token_ids=sorted(engine.eos_ids))
+
+
+async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | None,
+                model_name: str, drain_timeout: float = 30.0,
+                server_credentials: grpc.ServerCredentials | None = None,
+                max_message_bytes: int = 4 * 1024 * 1024) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight streams and return."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    metrics = EngineMetrics(engine)
+    if metrics_port is not None:
+        metrics.serve(metrics_port, host)
+    engine_loop = EngineLoop(engine, metrics, loop)
+    servicer = EngineServicer(engine, engine_loop, model_name)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes)])
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, server_credentials) if server_credentials
+             else server.add_insecure_port(address))
+    if not bound:
+        raise RuntimeError(f"could not bind {address}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("engine listening on %s (NOT_SERVING until warm)", address)
+    engine_loop.start()
+    await _warm_up(engine, engine_loop)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("engine SERVING on %s", address)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: %d in-flight streams", servicer.inflight)
+    servicer.draining = True
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = loop.time() + drain_timeout
+    while servicer.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=1.0)
+    engine_loop.stop()
+    log.info("engine stopped")
+
+
+async def _warm_up(engine: LLMEngine, engine_loop: EngineLoop) -> None:
+    """One tiny request through the loop so the first real request pays no compile/alloc cost."""
+    request_id = f"warmup-{uuid.uuid4().hex}"
+    queue: asyncio.Queue = asyncio.Queue()
+    engine_loop.queues[request_id] = queue
+    engine.add_request(request_id, [0, 1, 2, 3], SamplingParams(temperature=0.0),
+                       StoppingParams(max_new_tokens=2, ignore_eos=True))
+    while True:
+        out = await queue.get()
+        if out is None or out.finished:
+            break
+    engine_loop.queues.pop(request_id, None)
+    engine.clear_prefix_cache()
