@@ -365,6 +365,14 @@ def greedy_check(model_dir: Path, prompt: str = CHECK_PROMPT, new_tokens: int = 
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def _verify(model_dir: Path) -> None:
+    try:
+        text = greedy_check(model_dir)
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        raise ConversionError(f"verification with transformers failed: {type(exc).__name__}: {exc}") from exc
+    print(f"check: greedy {CHECK_PROMPT!r} -> {text!r}", flush=True)
+
+
 def run(out: Path, gguf: str | None, verify: bool = True) -> None:
     """Convert into `out` atomically (temp dir + rename); a no-op if `out/.complete` exists."""
     if (out / COMPLETE_MARKER).is_file():
@@ -379,9 +387,11 @@ def run(out: Path, gguf: str | None, verify: bool = True) -> None:
     try:
         convert(gguf_path, tmp_dir)
         if verify:
-            text = greedy_check(tmp_dir)
-            print(f"check: {CHECK_PROMPT!r} -> {text!r}", flush=True)
+            _verify(tmp_dir)
         (tmp_dir / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        if (out / COMPLETE_MARKER).is_file():  # a concurrent run finished first: keep its result
+            print(f"{out} was completed by another run; discarding this one")
+            return
         if out.exists():  # a leftover without .complete: never a finished conversion
             shutil.rmtree(out)
         tmp_dir.rename(out)

@@ -1,0 +1,337 @@
+"""Model config and weights of a Llama-family HF directory (Llama, SmolLM2, Mistral, Qwen2).
+
+`ModelConfig.from_dir` reads `config.json` (+ `generation_config.json`); `load_weights` reads the
+safetensors files tensor by tensor, fuses Q/K/V and gate/up, and casts to the engine's dtype on its
+device. `load_format="dummy"` builds random weights for any config without reading tensor files.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DUMMY_STD = 0.02
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name}: not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path.name}: expected a JSON object")
+    return payload
+
+
+def _int_field(raw: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    value = raw.get(key)
+    if value is None:  # absent or null: the default, if there is one
+        value = default
+    if value is None:
+        raise ValueError(f"config.json: required field {key!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float_field(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(value: Any, key: str) -> list[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{key} must be a non-negative int or a list of them, got {value!r}")
+    return list(values)
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from the legacy keys or transformers v5 `rope_parameters`."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = _float_field(params, "rope_theta", 10000.0)
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = None if kind == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+        return theta, scaling
+    theta = _float_field(raw, "rope_theta", 10000.0)
+    scaling = raw.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"config.json: rope_scaling must be an object or null, got {scaling!r}")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return theta, scaling or None
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The subset of a HF config.json the engine needs."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # Qwen2-style QKV bias (true for qwen2 even if config lacks the key)
+    eos_token_ids: list[int]  # from generation_config.json if present, else config.json
+    bos_token_id: int | None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        """Read `config.json` (+ `generation_config.json`); ValueError naming a missing/unsupported field."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"model_dir {model_dir}: config.json not found")
+        raw = _read_json(config_path)
+        gen_path = model_dir / "generation_config.json"
+        generation = _read_json(gen_path) if gen_path.is_file() else {}
+        return cls.from_dict(raw, generation)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> "ModelConfig":
+        """Build from parsed config.json (and generation_config.json) contents."""
+        generation = generation or {}
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if raw.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias=true is not supported")
+        hidden = _int_field(raw, "hidden_size")
+        num_heads = _int_field(raw, "num_attention_heads")
+        num_kv_heads = _int_field(raw, "num_key_value_heads", num_heads)
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"config.json: num_attention_heads={num_heads} must be a multiple of "
+                             f"num_key_value_heads={num_kv_heads}")
+        if raw.get("head_dim") is None and hidden % num_heads != 0:
+            raise ValueError(f"config.json: hidden_size={hidden} is not divisible by "
+                             f"num_attention_heads={num_heads} and head_dim is missing")
+        head_dim = _int_field(raw, "head_dim", hidden // num_heads)
+        if model_type == "qwen2":
+            attention_bias = True
+        else:
+            attention_bias = bool(raw.get("attention_bias", False))
+            if attention_bias:  # Llama's attention_bias also adds an o_proj bias
+                raise ValueError(f"config.json: attention_bias=true is not supported for {model_type}")
+        rope_theta, rope_scaling = _rope(raw)
+        eos_source = generation if generation.get("eos_token_id") is not None else raw
+        bos = generation.get("bos_token_id", raw.get("bos_token_id"))
+        bos_ids = _token_ids(bos, "bos_token_id")
+        return cls(
+            model_type=model_type,
+            vocab_size=_int_field(raw, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_int_field(raw, "intermediate_size"),
+            num_layers=_int_field(raw, "num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_float_field(raw, "rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=_int_field(raw, "max_position_embeddings"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            eos_token_ids=_token_ids(eos_source.get("eos_token_id"), "eos_token_id"),
+            bos_token_id=bos_ids[0] if bos_ids else None,
+        )
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused QKV projection: (q_heads + 2*kv_heads) * head_dim."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    """One decoder layer, with QKV and gate/up fused."""
+
+    input_norm: Tensor  # [hidden]
+    qkv_proj: Tensor  # [(q_heads + 2*kv_heads) * head_dim, hidden]  (q rows, then k, then v)
+    qkv_bias: Tensor | None  # [(q_heads + 2*kv_heads) * head_dim]
+    o_proj: Tensor  # [hidden, q_heads*head_dim]
+    post_norm: Tensor  # [hidden]
+    gate_up_proj: Tensor  # [2*intermediate, hidden] (gate rows first)
+    down_proj: Tensor  # [hidden, intermediate]
+
+
+@dataclass(slots=True)
+class ModelWeights:
+    """All weights of a Llama-family model, on one device and dtype."""
+
+    embed_tokens: Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: Tensor  # [hidden]
+    lm_head: Tensor  # [vocab, hidden] (the same tensor as embed_tokens when tied)
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint files: via the shard index json, else model.safetensors, else any *.safetensors."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path.name}: weight_map is missing or empty")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model_dir {model_dir}: no *.safetensors files found")
+    for path in files:
+        if not path.is_file():
+            raise ValueError(f"model_dir {model_dir}: shard {path.name} listed in the index is missing")
+    return files
+
+
+class _TensorReader:
+    """Reads single tensors by HF name from a set of open safetensors files, cast to dtype/device."""
+
+    def __init__(self, handles: list[Any], dtype: torch.dtype, device: torch.device) -> None:
+        self._where: dict[str, Any] = {}
+        for handle in handles:
+            for name in handle.keys():
+                self._where[name] = handle
+        self._dtype = dtype
+        self._device = device
+        # checkpoints saved from the bare LlamaModel have no "model." prefix
+        self._prefix = "" if any(n.startswith("model.") for n in self._where) else "model."
+
+    def has(self, name: str) -> bool:
+        return self._key(name) in self._where
+
+    def _key(self, name: str) -> str:
+        return name[len("model."):] if self._prefix and name.startswith("model.") else name
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        key = self._key(name)
+        handle = self._where.get(key)
+        if handle is None:
+            raise ValueError(f"checkpoint: tensor {name!r} is missing")
+        tensor = handle.get_tensor(key)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"checkpoint: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {shape} from config.json")
+        return tensor.to(device=self._device, dtype=self._dtype)
+
+
+def _load_layer(reader: _TensorReader, config: ModelConfig, index: int) -> LayerWeights:
+    prefix = f"model.layers.{index}."
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_rows, kv_rows = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    attn = prefix + "self_attn."
+    if reader.has(attn + "o_proj.bias"):
+        raise ValueError(f"checkpoint: {attn}o_proj.bias present; an o_proj bias is not supported")
+    qkv_proj = torch.cat([
+        reader.get(attn + "q_proj.weight", (q_rows, hidden)),
+        reader.get(attn + "k_proj.weight", (kv_rows, hidden)),
+        reader.get(attn + "v_proj.weight", (kv_rows, hidden)),
+    ])  # [(q_heads + 2*kv_heads) * head_dim, hidden]
+    qkv_bias = None
+    if config.attention_bias:
+        qkv_bias = torch.cat([
+            reader.get(attn + "q_proj.bias", (q_rows,)),
+            reader.get(attn + "k_proj.bias", (kv_rows,)),
+            reader.get(attn + "v_proj.bias", (kv_rows,)),
+        ])  # [(q_heads + 2*kv_heads) * head_dim]
+    gate_up_proj = torch.cat([
+        reader.get(prefix + "mlp.gate_proj.weight", (inter, hidden)),
+        reader.get(prefix + "mlp.up_proj.weight", (inter, hidden)),
+    ])  # [2*intermediate, hidden]
+    return LayerWeights(
+        input_norm=reader.get(prefix + "input_layernorm.weight", (hidden,)),
+        qkv_proj=qkv_proj,
+        qkv_bias=qkv_bias,
+        o_proj=reader.get(attn + "o_proj.weight", (hidden, q_rows)),
+        post_norm=reader.get(prefix + "post_attention_layernorm.weight", (hidden,)),
+        gate_up_proj=gate_up_proj,
+        down_proj=reader.get(prefix + "mlp.down_proj.weight", (hidden, inter)),
+    )
+
+
+def _load_safetensors(model_dir: Path, config: ModelConfig, dtype: torch.dtype,
+                      device: torch.device) -> ModelWeights:
+    from safetensors import safe_open
+
+    files = safetensors_files(model_dir)
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                   for path in files]
+        reader = _TensorReader(handles, dtype, device)
+        vocab_shape = (config.vocab_size, config.hidden_size)
+        embed_tokens = reader.get("model.embed_tokens.weight", vocab_shape)
+        layers = [_load_layer(reader, config, index) for index in range(config.num_layers)]
+        final_norm = reader.get("model.norm.weight", (config.hidden_size,))
+        if config.tie_word_embeddings:
+            lm_head = embed_tokens
+        else:
+            lm_head = reader.get("lm_head.weight", vocab_shape)
+    return ModelWeights(embed_tokens=embed_tokens, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+# ---------------------------------------------------------------- dummy weights
+
+
+def _dummy_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> ModelWeights:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    def normal(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, DUMMY_STD, generator=generator)
+
+    def ones(size: int) -> Tensor:
+        return torch.ones(size, dtype=dtype, device=device)
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    layers = [
+        LayerWeights(
+            input_norm=ones(hidden),
+            qkv_proj=normal(config.qkv_rows, hidden),
+            qkv_bias=normal(config.qkv_rows) if config.attention_bias else None,
+            o_proj=normal(hidden, config.num_heads * config.head_dim),
+            post_norm=ones(hidden),
+            gate_up_proj=normal(2 * inter, hidden),
+            down_proj=normal(hidden, inter),
+        )
+        for _ in range(config.num_layers)
+    ]
+    embed_tokens = normal(config.vocab_size, hidden)
+    lm_head = embed_tokens if config.tie_word_embeddings else normal(config.vocab_size, hidden)
+    return ModelWeights(embed_tokens=embed_tokens, layers=layers, final_norm=ones(hidden), lm_head=lm_head)
+
+
+def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 load_format: str = "auto", seed: int = 0) -> ModelWeights:
+    """Load (or, for load_format="dummy", randomly build) the fused weights on `device` in `dtype`."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    device = torch.device(device)
+    if load_format == "dummy":
+        return _dummy_weights(config, dtype, device, seed)
+    return _load_safetensors(Path(model_dir), config, dtype, device)
