@@ -8,7 +8,6 @@ Stage 2: one program per (request, query head) merges the splits' partials weigh
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -16,8 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import _checks
+from kernels._attention_common import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
 
-LOG2_E = 1.4426950408889634
 BLOCK_N = 64  # context tokens per inner step (GPU)
 MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
 MAX_SPLITS = 32
@@ -47,6 +46,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,  # power of two >= group, at least 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (the default)
+    DOT_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot cannot multiply bf16, so upcast first
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -63,6 +63,8 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + request.to(tl.int64) * q_batch_stride + heads[:, None] * q_head_stride + dims[None, :]
     query = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM]
+    if DOT_IN_FP32:
+        query = query.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -74,6 +76,8 @@ def _decode_split_kernel(
         rows = tl.load(r2t_row + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] pool rows
         k_ptrs = k_cache_ptr + rows[:, None] * k_row_stride + kv_head * k_head_stride + dims[None, :]
         keys = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        if DOT_IN_FP32:
+            keys = keys.to(tl.float32)
         scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -82,6 +86,8 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         v_ptrs = v_cache_ptr + rows[:, None] * v_row_stride + kv_head * v_head_stride + dims[None, :]
         values = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        if DOT_IN_FP32:
+            values = values.to(tl.float32)
         acc = acc * alpha[:, None]
         acc += tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -140,7 +146,7 @@ def _pick_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.
     else:
         target_programs = 8  # interpreter: still exercise several splits
     by_occupancy = triton.cdiv(target_programs, max(batch * kv_heads, 1))
-    min_split = 16 if os.environ.get("TRITON_INTERPRET") == "1" else MIN_SPLIT_TOKENS
+    min_split = 16 if interpret_mode() else MIN_SPLIT_TOKENS
     by_length = triton.cdiv(max(max_seq_len, 1), min_split)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
@@ -184,7 +190,7 @@ def decode_attention(
     out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpret_mode()
     block_n = 16 if interpret else BLOCK_N
     num_splits = _pick_num_splits(batch, kv_heads, int(max_seq_len), q.device)
     partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -201,7 +207,8 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_IN_FP32=dot_in_fp32(q.dtype),
         num_warps=4,
         num_stages=2,
     )

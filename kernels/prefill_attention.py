@@ -7,16 +7,14 @@ with an online (running max / running sum) softmax.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kernels import _checks
+from kernels._attention_common import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
 
-LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -44,6 +42,7 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr,  # new tokens per program
     BLOCK_N: tl.constexpr,  # context tokens per inner step
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (the default)
+    DOT_IN_FP32: tl.constexpr,  # interpreter only: its tl.dot cannot multiply bf16, so upcast first
 ):
     m_block = tl.program_id(0)
     request = tl.program_id(1)
@@ -62,6 +61,8 @@ def _prefill_attention_kernel(
     q_tokens = (new_start + offs_m).to(tl.int64)
     q_ptrs = q_ptr + q_tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :]
     query = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if DOT_IN_FP32:
+        query = query.to(tl.float32)
     q_pos = prefix_len + offs_m  # absolute position of each query
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
@@ -76,6 +77,8 @@ def _prefill_attention_kernel(
         rows = tl.load(r2t_row + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] pool rows
         k_ptrs = k_cache_ptr + rows[:, None] * k_row_stride + kv_head * k_head_stride + dims[None, :]
         keys = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        if DOT_IN_FP32:
+            keys = keys.to(tl.float32)
         scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal + bounds
         scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N]
@@ -85,6 +88,8 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         v_ptrs = v_cache_ptr + rows[:, None] * v_row_stride + kv_head * v_head_stride + dims[None, :]
         values = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        if DOT_IN_FP32:
+            values = values.to(tl.float32)
         acc = acc * alpha[:, None]
         acc += tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -96,7 +101,7 @@ def _prefill_attention_kernel(
 
 def _pick_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): small tiles in the interpreter, shared-memory-sized on GPU."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret_mode():
         return 16, 16, 1
     if dtype == torch.float32 or head_dim > 128:
         return 32, 32, 4
@@ -158,7 +163,8 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_IN_FP32=dot_in_fp32(q.dtype),
         num_warps=num_warps,
         num_stages=2,
     )
