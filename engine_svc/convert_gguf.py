@@ -346,6 +346,7 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     vocab_size = state["model.embed_tokens.weight"].shape[0]
     print("writing model.safetensors (float32) ...", flush=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it owner-only
     del state
     ids = write_tokenizer_files(reader, out_dir, hp)
     _write_json(out_dir / "config.json", model_config(hp, vocab_size, tied, ids))
@@ -373,6 +374,14 @@ def _verify(model_dir: Path) -> None:
     print(f"check: greedy {CHECK_PROMPT!r} -> {text!r}", flush=True)
 
 
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Delete temp dirs left by killed runs (their pid is gone); a live concurrent run keeps its own."""
+    for leftover in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def run(out: Path, gguf: str | None, verify: bool = True) -> None:
     """Convert into `out` atomically (temp dir + rename); a no-op if `out/.complete` exists."""
     if (out / COMPLETE_MARKER).is_file():
@@ -381,6 +390,7 @@ def run(out: Path, gguf: str | None, verify: bool = True) -> None:
     gguf_path = locate_gguf(gguf)
     print(f"converting {gguf_path} -> {out}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(out)
     tmp_dir = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
