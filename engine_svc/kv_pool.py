@@ -16,12 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-BLOCK_SHIFT = 10
-BLOCK_ROWS = 1 << BLOCK_SHIFT  # rows per summary block
+DEFAULT_BLOCK_ROWS = 1024  # rows per summary block
 
 
 def _block_run_stats(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Free count, head run, tail run and longest run of each row of a [k, BLOCK_ROWS] free mask."""
+    """Free count, head run, tail run and longest run of each row of a [k, block_rows] free mask."""
     k, width = blocks.shape
     free = np.count_nonzero(blocks, axis=1).astype(np.int64)
     used = ~blocks
@@ -44,16 +43,20 @@ def _block_run_stats(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
 class KVPool:
     """Host-side bookkeeping of a token-level KV pool: one row per token, reference counted."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        if not isinstance(block_rows, int) or block_rows < 2 or block_rows & (block_rows - 1):
+            raise ValueError(f"block_rows must be a power of two >= 2, got {block_rows!r}")
         self.capacity: int = int(capacity)
+        self._shift = block_rows.bit_length() - 1
+        self._block = block_rows
         self._counts = np.zeros(self.capacity, np.int32)  # references per row
-        self._num_blocks = -(-self.capacity // BLOCK_ROWS)
+        self._num_blocks = -(-self.capacity // self._block)
         # free mask padded to whole blocks; padding rows are never free
-        self._free_mask = np.zeros(self._num_blocks * BLOCK_ROWS, bool)
+        self._free_mask = np.zeros(self._num_blocks * self._block, bool)
         self._free_mask[: self.capacity] = True
-        self._block_view = self._free_mask.reshape(self._num_blocks, BLOCK_ROWS)
+        self._block_view = self._free_mask.reshape(self._num_blocks, self._block)
         self._dup_scratch = np.zeros(self.capacity, np.int32)  # duplicate detection in O(n)
         self._num_free = self.capacity
         self._num_shared = 0
@@ -96,7 +99,7 @@ class KVPool:
         rows = self._scattered_rows(n)
         self._counts[rows] = 1
         self._free_mask[rows] = False
-        self._dirty[rows >> BLOCK_SHIFT] = True
+        self._dirty[rows >> self._shift] = True
         self._num_free -= n
         self._cursor = int(rows[-1] + 1) % self.capacity
         return rows
@@ -105,7 +108,7 @@ class KVPool:
         end = start + n
         self._counts[start:end] = 1
         self._free_mask[start:end] = False
-        self._dirty[start >> BLOCK_SHIFT : ((end - 1) >> BLOCK_SHIFT) + 1] = True
+        self._dirty[start >> self._shift : ((end - 1) >> self._shift) + 1] = True
         self._num_free -= n
         self._cursor = end % self.capacity
         return np.arange(start, end, dtype=np.int64)
@@ -117,37 +120,36 @@ class KVPool:
             return cursor
         self._refresh_blocks()
         block_ids = np.arange(self._num_blocks)
-        not_full = self._blk_free < BLOCK_ROWS
+        not_full = self._blk_free < self._block
         last_not_full = np.maximum.accumulate(np.where(not_full, block_ids, -1))
         tail_of_last = np.where(last_not_full >= 0, self._blk_tail[last_not_full], 0)
-        run_to_end = (block_ids - last_not_full) * BLOCK_ROWS + tail_of_last  # free run ending at block end
-        # runs crossing into block c (c >= 1), plus the run ending at the end of the pool
-        span_len = np.append(run_to_end[:-1] + self._blk_head[1:], run_to_end[-1])
-        block_ends = (block_ids + 1) * BLOCK_ROWS
-        span_start = block_ends - run_to_end
+        run_to_end = (block_ids - last_not_full) * self._block + tail_of_last  # free run ending at block end
+        # every free run either lies inside one block (inner) or crosses into a block c >= 1
+        span_len = run_to_end[:-1] + self._blk_head[1:]
+        span_start = (block_ids[:-1] + 1) * self._block - run_to_end[:-1]
         inner_ok = self._blk_inner >= n
-        starts = np.concatenate([span_start[span_len >= n], block_ids[inner_ok] * BLOCK_ROWS])
+        starts = np.concatenate([span_start[span_len >= n], block_ids[inner_ok] * self._block])
         if starts.size == 0:
             return None
         best = int(np.argmin((starts - cursor) % self.capacity))
         num_span = starts.size - int(np.count_nonzero(inner_ok))
         if best < num_span:
             return int(starts[best])
-        return self._run_in_block(int(starts[best]) >> BLOCK_SHIFT, n)
+        return self._run_in_block(int(starts[best]) >> self._shift, n)
 
     def _run_in_block(self, block: int, n: int) -> int:
         free_offsets = np.flatnonzero(self._block_view[block])  # sorted free rows of the block
         hits = np.flatnonzero(free_offsets[n - 1 :] - free_offsets[: free_offsets.size - n + 1] == n - 1)
-        return block * BLOCK_ROWS + int(free_offsets[hits[0]])
+        return block * self._block + int(free_offsets[hits[0]])
 
     def _scattered_rows(self, n: int) -> np.ndarray:
         """The first n free rows in next-fit order (blocks from the cursor's block on, wrapping)."""
-        order = np.roll(np.arange(self._num_blocks), -(self._cursor >> BLOCK_SHIFT))
+        order = np.roll(np.arange(self._num_blocks), -(self._cursor >> self._shift))
         free_in_order = self._blk_free[order]
         needed_blocks = int(np.searchsorted(np.cumsum(free_in_order), n)) + 1
         chosen = order[:needed_blocks][free_in_order[:needed_blocks] > 0]
         flat = np.flatnonzero(self._block_view[chosen])[:n]  # [n] positions in chosen blocks
-        return chosen[flat >> BLOCK_SHIFT] * BLOCK_ROWS + (flat & (BLOCK_ROWS - 1))
+        return chosen[flat >> self._shift] * self._block + (flat & (self._block - 1))
 
     def _refresh_blocks(self) -> None:
         dirty = np.flatnonzero(self._dirty)
@@ -187,7 +189,7 @@ class KVPool:
         self._counts[unique_rows] = after
         released = unique_rows[after == 0]
         self._free_mask[released] = True
-        self._dirty[released >> BLOCK_SHIFT] = True
+        self._dirty[released >> self._shift] = True
         self._num_free += int(released.size)
         self._num_shared += int(np.count_nonzero(after >= 2) - np.count_nonzero(before >= 2))
 
