@@ -1,0 +1,117 @@
+"""Request validation of the public API. Every failure is a ValueError naming the field and
+its limit (the server turns it into INVALID_ARGUMENT).
+
+The numeric limits mirror engine_svc/params.py (which this package must not import:
+tokenizer_svc never pulls in torch); keep the two in sync.
+"""
+from __future__ import annotations
+
+import math
+
+from tokenizer_svc.schema import SamplingSettings, TextRequest
+
+MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 2.0
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_SEED = 2**63
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _require_finite(name: str, value: float) -> None:
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"sampling.{name} must be a finite number, got {value!r}")
+
+
+def validate_sampling(sampling: SamplingSettings) -> None:
+    """Raise ValueError for the first sampling field that is out of range."""
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty"):
+        _require_finite(name, getattr(sampling, name))
+    if not 0.0 <= sampling.temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}] "
+                         f"(0 = greedy), got {sampling.temperature:g}")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"sampling.top_p must be in (0, 1], got {sampling.top_p:g}")
+    if sampling.top_k < 0:
+        raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {sampling.top_k}")
+    if not 0.0 <= sampling.min_p <= 1.0:
+        raise ValueError(f"sampling.min_p must be in [0, 1], got {sampling.min_p:g}")
+    if not 0.0 < sampling.repetition_penalty <= MAX_PENALTY:
+        raise ValueError(f"sampling.repetition_penalty must be in (0, {MAX_PENALTY:g}], "
+                         f"got {sampling.repetition_penalty:g}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        if not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise ValueError(f"sampling.{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], "
+                             f"got {value:g}")
+    if sampling.seed is not None and not 0 <= sampling.seed < MAX_SEED:
+        raise ValueError(f"sampling.seed must be in [0, 2^63), got {sampling.seed}")
+
+
+def validate_input(request: TextRequest) -> None:
+    """The prompt or chat: present, non-empty, known roles."""
+    if request.prompt is None and request.chat is None:
+        raise ValueError("input: set either prompt or chat")
+    if request.prompt is not None and not request.prompt:
+        raise ValueError("prompt must not be empty")
+    if request.chat is not None:
+        if not request.chat:
+            raise ValueError("chat.messages must hold at least 1 message, got 0")
+        for index, turn in enumerate(request.chat):
+            if turn.role not in CHAT_ROLES:
+                raise ValueError(f"chat.messages[{index}].role must be one of "
+                                 f"{', '.join(CHAT_ROLES)}; got {turn.role!r}")
+
+
+def validate_stopping(request: TextRequest) -> None:
+    """Stop strings, stop token count, top_logprobs and an explicit max_new_tokens >= 1."""
+    if request.max_new_tokens is not None and request.max_new_tokens < 1:
+        raise ValueError(f"stopping.max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stopping.stop holds at most {MAX_STOP_STRINGS} strings, "
+                         f"got {len(request.stop)}")
+    for index, stop in enumerate(request.stop):
+        if not stop:
+            raise ValueError(f"stopping.stop[{index}] must not be empty")
+        if len(stop) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stopping.stop[{index}] must be at most {MAX_STOP_STRING_CHARS} "
+                             f"characters, got {len(stop)}")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stopping.stop_token_ids holds at most {MAX_STOP_TOKEN_IDS} ids, "
+                         f"got {len(request.stop_token_ids)}")
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                         f"got {request.top_logprobs}")
+
+
+def validate_request(request: TextRequest) -> None:
+    """Everything that can be checked before tokenizing; raise ValueError on the first problem."""
+    validate_input(request)
+    validate_sampling(request.sampling)
+    validate_stopping(request)
+
+
+def validate_token_ids(field_name: str, token_ids: list[int], vocab_size: int) -> None:
+    """Every id must be in [0, vocab_size)."""
+    for index, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"{field_name}[{index}] must be in [0, {vocab_size}), got {token_id}")
+
+
+def resolve_max_new_tokens(requested: int | None, prompt_tokens: int, max_model_len: int,
+                           default_max_new_tokens: int) -> int:
+    """The generation budget: the request's value, or the default capped by the context room."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise ValueError(f"prompt is {prompt_tokens} tokens; it must be at most "
+                         f"{max_model_len - 1} (max_model_len {max_model_len} minus 1 token "
+                         f"to generate)")
+    if requested is None:
+        return min(default_max_new_tokens, room)
+    if requested > room:
+        raise ValueError(f"stopping.max_new_tokens must be in [1, {room}] (max_model_len "
+                         f"{max_model_len} - {prompt_tokens} prompt tokens), got {requested}")
+    return requested
