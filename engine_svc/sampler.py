@@ -3,8 +3,9 @@
 Order of operations per row (greedy rows stop after step 1):
   1. penalties (repetition over prompt+output, presence/frequency over output) -> greedy argmax
   2. temperature scaling
-  3. top-k and top-p (one descending sort), then min-p (relative to the top token)
-  4. exponential race: token = argmax(p_i / E_i), E_i ~ Exp(1), i.e. argmax(logit_i - log E_i)
+  3. top-k and top-p (one sort; one topk if every row has a top_k), then min-p (vs the top token)
+  4. exponential race: token = argmax(p_i / E_i), E_i ~ Exp(1) drawn as -log U,
+     i.e. argmax(score_i - log E_i)
 
 Seeded rows draw their noise ([vocab] per step) from their own generator, so a seeded row yields
 the same tokens whatever batch it sits in; unseeded rows share the sampler's generator. The
@@ -13,6 +14,7 @@ Rows' params are assumed already validated (SamplingParams.validate at admission
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,43 +101,57 @@ class Sampler:
         # Greedy rows get neutral settings; their sampled value is replaced below.
         sampling = [SamplingParams() if g else p for p, g in zip(params, greedy)]
         temperature = _row_tensor([p.temperature for p in sampling], torch.float32, device)
-        scores = penalised / temperature[:, None]  # [batch, vocab]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in sampling):
-            top_k = top_p = None
-            if any(p.top_k > 0 for p in sampling):
-                top_k = _row_tensor([p.top_k for p in sampling], torch.int64, device)
-            if any(p.top_p < 1.0 for p in sampling):
-                top_p = _row_tensor([p.top_p for p in sampling], torch.float32, device)
-            scores = mask_top_k_top_p(scores, top_k, top_p)
-        if any(p.min_p > 0.0 for p in sampling):
-            min_p = _row_tensor([p.min_p for p in sampling], torch.float32, device)
-            scores = mask_min_p(scores, min_p)
-        noise = self._exponential_noise(greedy, generators, raw.shape, device)
-        sampled = (scores - noise.log()).argmax(dim=-1)  # [batch]
+        scores = _filter(penalised / temperature[:, None], sampling)  # [batch, vocab]
+        log_noise = self._log_exponential_noise(greedy, generators, raw.shape, device)
+        sampled = (scores - log_noise).argmax(dim=-1)  # [batch]: argmax_i p_i / E_i
         if any(greedy):
             greedy_rows = _row_tensor(greedy, torch.bool, device)
             sampled = torch.where(greedy_rows, penalised.argmax(dim=-1), sampled)
         return sampled
 
-    def _exponential_noise(self, greedy: list[bool], generators: list[torch.Generator | None],
-                           shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise [batch, vocab]: seeded rows from their own generator, greedy rows 1."""
+    def _log_exponential_noise(self, greedy: list[bool],
+                               generators: list[torch.Generator | None],
+                               shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """log E, E ~ Exp(1) as -log U: [batch, vocab]; seeded rows use their own generator.
+
+        Every sampled row consumes exactly [vocab] uniforms per step; greedy rows get log E = 0.
+        U lies in [0, 1): U = 0 gives E = inf (that token just loses), and E > 0 always.
+        """
         unseeded = [i for i, (g, gen) in enumerate(zip(greedy, generators))
                     if not g and gen is None]
         if len(unseeded) == shape[0]:
-            noise = torch.empty(shape, dtype=torch.float32, device=device)
-            noise.exponential_(generator=self._generator)
+            uniform = torch.empty(shape, dtype=torch.float32, device=device)
+            uniform.uniform_(generator=self._generator)
         else:
-            noise = torch.ones(shape, dtype=torch.float32, device=device)
+            uniform = torch.full(shape, math.exp(-1.0), dtype=torch.float32, device=device)
             if unseeded:
                 shared = torch.empty((len(unseeded), shape[1]), dtype=torch.float32,
-                                     device=device).exponential_(generator=self._generator)
-                noise[_row_tensor(unseeded, torch.int64, device)] = shared
+                                     device=device).uniform_(generator=self._generator)
+                uniform[_row_tensor(unseeded, torch.int64, device)] = shared
             for row, (g, gen) in enumerate(zip(greedy, generators)):
                 if not g and gen is not None:
-                    noise[row].exponential_(generator=gen)  # [vocab] from the row's own stream
-        # Exp(1) may return exactly 0 on some backends; log(0) would make the token certain.
-        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+                    uniform[row].uniform_(generator=gen)  # [vocab] from the row's own stream
+        return uniform.log_().neg_().log_()
+
+
+def _filter(scores: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tensor:
+    """Apply top-k, top-p and min-p to temperature-scaled scores [batch, vocab]."""
+    device = scores.device
+    vocab = scores.shape[1]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in sampling):
+        top_k = top_p = None
+        candidates = vocab
+        if any(p.top_k > 0 for p in sampling):
+            top_k = _row_tensor([p.top_k for p in sampling], torch.int64, device)
+            if all(p.top_k > 0 for p in sampling):
+                candidates = min(vocab, max(p.top_k for p in sampling))
+        if any(p.top_p < 1.0 for p in sampling):
+            top_p = _row_tensor([p.top_p for p in sampling], torch.float32, device)
+        scores = mask_top_k_top_p(scores, top_k, top_p, candidates)
+    if any(p.min_p > 0.0 for p in sampling):
+        min_p = _row_tensor([p.min_p for p in sampling], torch.float32, device)
+        scores = mask_min_p(scores, min_p)
+    return scores
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
@@ -174,26 +190,31 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def mask_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor | None,
-                     top_p: torch.Tensor | None) -> torch.Tensor:
-    """Set to -inf what top-k (0 = off) and then top-p (1 = off) drop; one sort per call.
+                     top_p: torch.Tensor | None, candidates: int) -> torch.Tensor:
+    """Set to -inf what top-k (0 = off) and then top-p (1 = off) drop.
 
     scores: [batch, vocab]; top_k: [batch] int64 or None; top_p: [batch] float32 or None.
+    Only the `candidates` best tokens of each row can survive: pass vocab (one full sort) unless
+    every row has 0 < top_k <= candidates (then one topk over the candidates replaces the sort).
     Top-p keeps the smallest prefix (by descending prob, after top-k) whose mass >= top_p.
     """
     vocab = scores.shape[1]
-    sorted_scores, sorted_ids = scores.sort(dim=-1, descending=True)  # [batch, vocab]
-    drop = torch.zeros(sorted_scores.shape, dtype=torch.bool, device=scores.device)
+    if candidates >= vocab:
+        best, best_ids = scores.sort(dim=-1, descending=True)  # [batch, vocab]
+    else:
+        best, best_ids = scores.topk(candidates, dim=-1)  # [batch, candidates], descending
+    drop = torch.zeros(best.shape, dtype=torch.bool, device=scores.device)
     if top_k is not None:
-        ranks = torch.arange(vocab, device=scores.device)[None, :]  # [1, vocab]
-        keep_count = torch.where(top_k > 0, top_k.clamp_max(vocab), vocab)  # [batch]
-        drop = ranks >= keep_count[:, None]  # [batch, vocab], sorted order
+        ranks = torch.arange(best.shape[1], device=scores.device)[None, :]  # [1, candidates]
+        keep_count = torch.where(top_k > 0, top_k, vocab)  # [batch]
+        drop = ranks >= keep_count[:, None]  # [batch, candidates], by rank
     if top_p is not None:
-        probs = sorted_scores.masked_fill(drop, _NEG_INF).softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # [batch, vocab]
+        probs = best.masked_fill(drop, _NEG_INF).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # [batch, candidates]
         # Rows with top_p == 1 are left alone: float32 cumsum may reach 1.0 before the tail.
         drop |= (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    drop_by_token = torch.empty_like(drop).scatter_(1, sorted_ids, drop)
-    return scores.masked_fill(drop_by_token, _NEG_INF)
+    kept = best.masked_fill(drop, _NEG_INF)  # [batch, candidates]
+    return torch.full_like(scores, _NEG_INF).scatter_(1, best_ids, kept)
 
 
 def mask_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

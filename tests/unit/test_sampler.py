@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_svc.params import SamplingParams
-from engine_svc.sampler import Sampler, SamplerOutput, apply_penalties
+from engine_svc.sampler import Sampler, SamplerOutput, apply_penalties, mask_top_k_top_p
 
 CPU = torch.device("cpu")
 
@@ -185,6 +185,17 @@ def test_top_k_one_equals_greedy() -> None:
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
 
 
+def test_top_k_window_matches_full_sort() -> None:
+    scores = torch.randn(6, 80, generator=_seeded(6)) * 3
+    top_k = torch.tensor([1, 5, 17, 17, 9, 2])
+    top_p = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.2, 0.99])
+    full = mask_top_k_top_p(scores, top_k, top_p, candidates=80)
+    assert torch.equal(mask_top_k_top_p(scores, top_k, top_p, candidates=17), full)
+    kept = torch.isfinite(full)
+    assert torch.equal(kept.sum(dim=-1)[[0, 3]], torch.tensor([1, 17]))
+    assert torch.equal(full[kept], scores[kept])  # survivors keep their value
+
+
 def _chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     counts = torch.bincount(tokens, minlength=len(probs)).double()
     expected = probs.double() * len(tokens)
@@ -193,23 +204,27 @@ def _chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
 
 
-@pytest.mark.parametrize("params, seeded", [
-    (SamplingParams(temperature=1.0), False),
-    (SamplingParams(temperature=0.5), False),
-    (SamplingParams(temperature=1.0, top_k=3), False),
-    (SamplingParams(temperature=1.0), True),
+@pytest.mark.parametrize("params, seeded, neighbour", [
+    (SamplingParams(temperature=1.0), False, None),
+    (SamplingParams(temperature=0.5), False, SamplingParams(temperature=0.0)),
+    (SamplingParams(temperature=1.0, top_k=4), False, SamplingParams(top_k=2)),
+    (SamplingParams(temperature=1.5, top_p=0.8, min_p=0.1), False, None),
+    (SamplingParams(temperature=1.0), True, None),
 ])
-def test_sampling_distribution_matches_softmax(params: SamplingParams, seeded: bool) -> None:
+def test_sampling_distribution_matches_softmax(params: SamplingParams, seeded: bool,
+                                               neighbour: SamplingParams | None) -> None:
     draws = 20000 if not seeded else 3000
     row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5])
-    logits = row.expand(draws, -1).contiguous()
-    gens = [_seeded(i) for i in range(draws)] if seeded else None
-    out = _run(Sampler(6, CPU, seed=11), logits, [params] * draws, gens)
-    scaled = row / params.temperature
-    if params.top_k:
-        scaled = scaled.masked_fill(scaled < scaled.topk(params.top_k).values[-1], -math.inf)
+    rows = [params] * draws if neighbour is None else [params, neighbour] * (draws // 2)
+    logits = row.expand(len(rows), -1).contiguous()
+    gens = [_seeded(i) for i in range(len(rows))] if seeded else None
+    out = _run(Sampler(6, CPU, seed=11), logits, rows, gens)
+    target_rows = torch.tensor([p is params for p in rows])
+    allowed = torch.zeros(6, dtype=torch.bool)
+    allowed[list(_allowed_tokens(row, params))] = True
+    expected = (row / params.temperature).masked_fill(~allowed, -math.inf).softmax(dim=-1)
     # 5 degrees of freedom at most: P(chi2 > 30) ~ 1.5e-5.
-    assert _chi_square(out.token_ids, scaled.softmax(dim=-1)) < 30.0
+    assert _chi_square(out.token_ids[target_rows], expected) < 30.0
 
 
 def test_logprobs_are_raw_log_softmax() -> None:
