@@ -24,6 +24,7 @@ import torch
 from engine_svc.params import SamplingParams
 
 _NEG_INF = float("-inf")
+_NEUTRAL = SamplingParams()  # stands in for greedy rows while sampling; never mutated
 
 
 @dataclass(slots=True)
@@ -99,7 +100,7 @@ class Sampler:
             return penalised.argmax(dim=-1)
         device = raw.device
         # Greedy rows get neutral settings; their sampled value is replaced below.
-        sampling = [SamplingParams() if g else p for p, g in zip(params, greedy)]
+        sampling = [_NEUTRAL if g else p for p, g in zip(params, greedy)]
         temperature = _row_tensor([p.temperature for p in sampling], torch.float32, device)
         scores = _filter(penalised / temperature[:, None], sampling)  # [batch, vocab]
         log_noise = self._log_exponential_noise(greedy, generators, raw.shape, device)
@@ -143,8 +144,9 @@ def _filter(scores: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tenso
         candidates = vocab
         if any(p.top_k > 0 for p in sampling):
             top_k = _row_tensor([p.top_k for p in sampling], torch.int64, device)
-            if all(p.top_k > 0 for p in sampling):
-                candidates = min(vocab, max(p.top_k for p in sampling))
+            sampled_top_k = [p.top_k for p in sampling if p is not _NEUTRAL]
+            if all(k > 0 for k in sampled_top_k):  # greedy rows' results are discarded
+                candidates = min(vocab, max(sampled_top_k))
         if any(p.top_p < 1.0 for p in sampling):
             top_p = _row_tensor([p.top_p for p in sampling], torch.float32, device)
         scores = mask_top_k_top_p(scores, top_k, top_p, candidates)
@@ -226,7 +228,14 @@ def mask_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def _row_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One host->device copy of a per-row parameter list."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    return _to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting for the device: pinned + non_blocking (a pageable copy would sync)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _flat_token_index(seqs: list[Sequence[int]], vocab: int,
@@ -241,4 +250,4 @@ def _flat_token_index(seqs: list[Sequence[int]], vocab: int,
         raise ValueError(f"token ids must be in [0, {vocab}), got min {tokens.min()} "
                          f"max {tokens.max()}")
     rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
-    return torch.from_numpy(rows * vocab + tokens).to(device)
+    return _to_device(torch.from_numpy(rows * vocab + tokens), device)
