@@ -1,0 +1,140 @@
+"""The engine edge: gRPC calls to llmserve.v1.Engine, converted to/from internal dataclasses.
+
+The channel is created once and never replaced: gRPC reconnects by itself (backoff capped
+at 1 s here) when the engine comes back, and no call result is cached across failures.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
+from tokenizer_svc.schema import (EngineChunk, EngineLimits, EngineRequest, FinishReason,
+                                  ServiceError, TokenLogprobInfo, UsageCounts)
+
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+PASSED_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
+_FINISH_FROM_PROTO = {
+    generate_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    generate_pb2.FINISH_REASON_EOS: FinishReason.EOS,
+    generate_pb2.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    generate_pb2.FINISH_REASON_STOP_TOKEN: FinishReason.STOP_TOKEN,
+    generate_pb2.FINISH_REASON_ABORTED: FinishReason.ABORTED,
+}
+
+
+def _sampling_to_proto(request: EngineRequest) -> generate_pb2.SamplingParams:
+    s = request.sampling
+    message = generate_pb2.SamplingParams(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty)
+    if s.seed is not None:
+        message.seed = s.seed
+    return message
+
+
+def request_to_proto(request: EngineRequest) -> engine_pb2.EngineGenerateRequest:
+    """Internal EngineRequest -> protobuf."""
+    return engine_pb2.EngineGenerateRequest(
+        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+        sampling=_sampling_to_proto(request), max_new_tokens=request.max_new_tokens,
+        stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+        top_logprobs=request.top_logprobs)
+
+
+def chunk_from_proto(message: engine_pb2.EngineGenerateResponse) -> EngineChunk:
+    """Protobuf stream message -> internal EngineChunk."""
+    logprobs = [TokenLogprobInfo(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                for lp in message.logprobs]
+    usage = None
+    if message.HasField("usage"):
+        u = message.usage
+        usage = UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return EngineChunk(token_ids=list(message.token_ids), logprobs=logprobs,
+                       finish_reason=_FINISH_FROM_PROTO.get(message.finish_reason), usage=usage)
+
+
+class EngineClient:
+    """Async client of one engine: info, health, streaming generate, abort."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _error(self, error: grpc.aio.AioRpcError) -> ServiceError:
+        code = error.code()
+        if code in PASSED_THROUGH:
+            return ServiceError(code, f"engine: {error.details()}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServiceError(code, f"engine at {self.address} unavailable: {error.details()}")
+        return ServiceError(code, f"engine at {self.address} failed: {code.name}: "
+                                  f"{error.details()}")
+
+    async def fetch_info(self, timeout_s: float = 2.0) -> EngineLimits:
+        """One GetInfo call; ServiceError when the engine cannot answer."""
+        try:
+            info = await self._stub.GetInfo(engine_pb2.GetInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        return EngineLimits(model=info.model, max_model_len=info.max_model_len,
+                            vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids),
+                            kv_pool_capacity_tokens=info.kv_pool_capacity_tokens,
+                            backend=info.backend, device=info.device, dtype=info.dtype)
+
+    async def wait_for_info(self, max_backoff_s: float = 2.0) -> EngineLimits:
+        """GetInfo, retried with exponential backoff (0.1 s doubling to max_backoff_s) forever."""
+        delay = 0.1
+        while True:
+            try:
+                return await self.fetch_info()
+            except ServiceError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2.0, max_backoff_s)
+
+    async def is_serving(self, timeout_s: float = 0.5) -> bool:
+        """True when the engine's grpc.health.v1 reports SERVING for the whole server."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                             timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def generate(self, request: EngineRequest,
+                       timeout_s: float | None = None) -> AsyncIterator[EngineChunk]:
+        """Stream the engine's chunks; closing this generator early cancels the engine call."""
+        call = self._stub.Generate(request_to_proto(request), timeout=timeout_s)
+        try:
+            async for message in call:
+                yield chunk_from_proto(message)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
+        """Ask the engine to abort a request; False when it was unknown or the call failed."""
+        try:
+            reply = await self._stub.Abort(engine_pb2.AbortRequest(request_id=request_id),
+                                           timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.found
+
+    async def close(self) -> None:
+        await self._channel.close()

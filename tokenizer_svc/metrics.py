@@ -1,0 +1,50 @@
+"""Prometheus metrics of the tokenizer service (own registry; names are the DESIGN.md contract)."""
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0)
+TOKENIZE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25)
+
+
+class FrontendMetrics:
+    """The frontend's counters, gauges and histograms in a private CollectorRegistry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter(
+            "llmserve_frontend_requests", "Generate requests finished, by gRPC status",
+            ["status"], registry=self.registry)
+        self.request_latency_seconds = Histogram(
+            "llmserve_frontend_request_latency_seconds",
+            "Generate latency from request arrival to the last message",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.time_to_first_token_seconds = Histogram(
+            "llmserve_frontend_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token sent",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokenize_seconds = Histogram(
+            "llmserve_frontend_tokenize_seconds",
+            "Time to render the chat template and tokenize one prompt",
+            buckets=TOKENIZE_BUCKETS, registry=self.registry)
+        self.inflight_requests = Gauge(
+            "llmserve_frontend_inflight_requests", "Generate streams in progress",
+            registry=self.registry)
+        self._http_server: WSGIServer | None = None
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose /metrics on host:port in a daemon thread; return the bound port."""
+        http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http_server = http_server
+        return int(http_server.server_port)
+
+    def stop_http(self) -> None:
+        """Shut the metrics HTTP server down if it was started."""
+        http_server, self._http_server = self._http_server, None
+        if http_server is not None:
+            http_server.shutdown()  # waits for the serving thread's loop to exit (<= 0.5 s)
+            http_server.server_close()
