@@ -55,8 +55,9 @@ class GenerationStream:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 state, stopped = self._consume(chunk)
-                if stopped:
-                    usage = await self._abort_and_drain(chunks)
+                if stopped:  # abort unless the engine already finished with this chunk
+                    usage = (chunk.usage if chunk.finish_reason is not None
+                             else await self._abort_and_drain(chunks))
                     yield self._final(state, FinishReason.STOP_SEQUENCE, usage)
                     return
                 if chunk.finish_reason is not None:

@@ -125,7 +125,9 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
         except ServiceError as error:
             code, detail = error.code, error.message
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            remaining = context.time_remaining()
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
             raise
         finally:
             self._inflight.discard(request_id)

@@ -78,6 +78,16 @@ def test_stop_inside_a_multi_token_chunk_cuts_ids_and_aborts() -> None:
                                       cached_prompt_tokens=2)
 
 
+def test_stop_in_the_engines_last_chunk_needs_no_abort() -> None:
+    text = "hello world"
+    source = ListSource(token_chunks(text, size=100, cached=5))
+    deltas = run(GenerationStream(request(), ["world"], decode, source))
+    assert "".join(d.text for d in deltas) == "hello "
+    assert deltas[-1].finish_reason == FinishReason.STOP_SEQUENCE
+    assert deltas[-1].usage.cached_prompt_tokens == 5  # taken from the engine's last message
+    assert source.aborted == []
+
+
 def test_engine_finish_passes_reason_and_usage() -> None:
     text = "hello world 😀 你好"
     source = ListSource(token_chunks(text, size=1, finish=FinishReason.LENGTH, cached=1))

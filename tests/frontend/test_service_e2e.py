@@ -113,8 +113,11 @@ def test_client_cancel_and_deadline_cancel_the_engine_call() -> None:
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await wait_until(lambda: "d-1" in s.engine.record.cancelled, 5.0,
                              "engine call was not cancelled after the deadline")
-            gauge = s.frontend.metrics.inflight_requests
-            await wait_until(lambda: gauge._value.get() == 0, 5.0, "inflight gauge stuck")
+            metrics = s.frontend.metrics
+            await wait_until(lambda: metrics.inflight_requests._value.get() == 0, 5.0,
+                             "inflight gauge stuck")
+            for status in ("cancelled", "deadline_exceeded"):
+                assert metrics.requests_total.labels(status)._value.get() == 1, status
     asyncio.run(body())
 
 
