@@ -17,7 +17,6 @@ from torch import Tensor
 from kernels import _checks
 from kernels._attention_common import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
 
-BLOCK_N = 64  # context tokens per inner step (GPU)
 MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
 MAX_SPLITS = 32
 
@@ -53,7 +52,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + request)
     slot = tl.load(slots_ptr + request).to(tl.int64)
-    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    split_len = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS  # tokens per split, rounded up
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, seq_len)
 
@@ -151,6 +150,13 @@ def _pick_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
 
+def _pick_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Context tokens per inner step: 16 in the interpreter, fewer for fp32 to bound shared memory."""
+    if interpret_mode():
+        return 16
+    return 32 if dtype == torch.float32 or head_dim > 128 else 64
+
+
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor, slots: Tensor,
            seq_lens: Tensor) -> None:
     _checks.check_kv_pool(k_cache, v_cache)
@@ -182,7 +188,11 @@ def decode_attention(
     scale: float,
     max_seq_len: int,
 ) -> Tensor:
-    """One query per request q [batch, q_heads, d] over its first seq_lens[b] pool tokens."""
+    """One query per request q [batch, q_heads, d] over its first seq_lens[b] pool tokens.
+
+    max_seq_len only sizes the number of KV splits (keep it fixed for CUDA-graph capture): the kernel
+    reads seq_lens on the device, so any lengths are handled correctly whatever max_seq_len says.
+    """
     _check(q, k_cache, v_cache, req_to_token, slots, seq_lens)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -190,8 +200,7 @@ def decode_attention(
     out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    interpret = interpret_mode()
-    block_n = 16 if interpret else BLOCK_N
+    block_n = _pick_block_n(head_dim, q.dtype)
     num_splits = _pick_num_splits(batch, kv_heads, int(max_seq_len), q.device)
     partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -217,7 +226,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits,
         HEAD_DIM=head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=1 if interpret else 4,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=1 if interpret_mode() else 4,
     )
     return out

@@ -159,12 +159,17 @@ def decode_attention(
     scale: float,
     max_seq_len: int,
 ) -> Tensor:
-    """One query per request over its first seq_lens[b] tokens; batched by padding to max_seq_len."""
+    """One query per request over its first seq_lens[b] tokens; batched by padding to max_seq_len.
+
+    max_seq_len must be >= max(seq_lens) (checked on CPU only, to avoid a device sync).
+    """
     # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
-    width = max(int(max_seq_len), 1)
+    if seq_lens.device.type == "cpu" and batch and int(seq_lens.max()) > max_seq_len:
+        raise ValueError(f"max_seq_len ({max_seq_len}) must be >= the longest seq_len ({int(seq_lens.max())})")
+    width = min(max(int(max_seq_len), 1), req_to_token.shape[1])
     cols = torch.arange(width, device=q.device)  # [width]
     valid = cols[None, :] < seq_lens.long()[:, None]  # [batch, width]
     rows = req_to_token[slots.long(), :width].long()  # [batch, width]

@@ -102,7 +102,7 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None
         q_heads,
         kv_heads,
         HALF=head_dim // 2,
-        BLOCK_QH=triton.next_power_of_2(q_heads),
-        BLOCK_KH=triton.next_power_of_2(kv_heads),
+        BLOCK_QH=max(2, triton.next_power_of_2(q_heads)),
+        BLOCK_KH=max(2, triton.next_power_of_2(kv_heads)),
         num_warps=4,
     )

@@ -81,6 +81,6 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, rows: Tenso
         v.stride(1),
         kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(kv_heads),
+        BLOCK_H=max(2, triton.next_power_of_2(kv_heads)),
         num_warps=4,
     )

@@ -1,10 +1,15 @@
-"""Fixtures for kernel tests: Triton kernels on CPU under TRITON_INTERPRET=1, and on CUDA when present.
+"""Fixtures for kernel tests: Triton kernels on CPU under TRITON_INTERPRET=1, or compiled on CUDA.
 
-Triton decides interpreter-vs-compiler when `@triton.jit` runs, i.e. when a kernel module is imported.
-So the CPU copies of the kernel modules are loaded here, with TRITON_INTERPRET=1 set before that
-import (and before any kernel module is imported by these tests). The variable is then scoped to the
-CPU-device tests by a fixture, so it does not leak into the rest of the suite; CUDA tests use the
-normally imported (compiled) modules.
+Triton picks interpreter-vs-compiler when `@triton.jit` runs, i.e. at import, and that includes
+Triton's own helpers (`tl.zeros`, `tl.sum`, ...). So on a machine without CUDA (or with
+TRITON_INTERPRET=1 already set) this file imports `triton.language` and private copies of the
+kernel modules with TRITON_INTERPRET=1, before any test imports them; the variable is then scoped
+to the CPU tests by the `device` fixture so it does not leak into the rest of the suite.
+
+One process can hold only one mode. If another test module imported Triton first (transformers does,
+for instance), the in-process CPU tests skip and `test_subprocess_checks.py` reruns them in a
+fresh interpreter-mode process. On a CUDA machine the tests run the compiled kernels on the GPU;
+`TRITON_INTERPRET=1 pytest tests/kernels` runs the interpreter there too.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -27,24 +34,22 @@ KERNEL_FUNCTIONS = {
     "prefill_attention": "prefill_attention",
     "decode_attention": "decode_attention",
 }
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNELS_DIR = REPO_ROOT / "kernels"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+DEVICES = ["cpu"] if INTERPRET else ["cuda"]
 
 
-def _load_interpreted_ops() -> SimpleNamespace:
-    """Import private copies of the kernel modules with TRITON_INTERPRET=1 set during the import."""
+@contextmanager
+def triton_interpret_env(enabled: bool) -> Iterator[None]:
+    """Set (or unset) TRITON_INTERPRET for the duration of the block, then restore it."""
     previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if enabled:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
     try:
-        functions = {}
-        for module_name, function_name in KERNEL_FUNCTIONS.items():
-            qualified = f"_interpreted_kernels.{module_name}"
-            spec = importlib.util.spec_from_file_location(qualified, KERNELS_DIR / f"{module_name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[qualified] = module
-            spec.loader.exec_module(module)
-            functions[function_name] = getattr(module, function_name)
-        return SimpleNamespace(**functions)
+        yield
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -52,21 +57,49 @@ def _load_interpreted_ops() -> SimpleNamespace:
             os.environ["TRITON_INTERPRET"] = previous
 
 
-INTERPRETED_OPS = _load_interpreted_ops()
+def load_kernel_modules(package: str) -> dict[str, ModuleType]:
+    """Import private copies of the kernel modules under `package` (normal `kernels.*` stay untouched)."""
+    modules = {}
+    for module_name in KERNEL_FUNCTIONS:
+        qualified = f"{package}.{module_name}"
+        spec = importlib.util.spec_from_file_location(qualified, KERNELS_DIR / f"{module_name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module
+        spec.loader.exec_module(module)
+        modules[module_name] = module
+    return modules
+
+
+def _wrappers(modules: dict[str, ModuleType]) -> SimpleNamespace:
+    return SimpleNamespace(**{fn: getattr(modules[mod], fn) for mod, fn in KERNEL_FUNCTIONS.items()})
+
+
+def _triton_is_interpreted() -> bool:
+    """True when triton.language's own @jit helpers were built for the interpreter."""
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+INTERPRETED_OPS: SimpleNamespace | None = None
+if INTERPRET:
+    with triton_interpret_env(True):
+        if _triton_is_interpreted():
+            INTERPRETED_OPS = _wrappers(load_kernel_modules("_interpreted_kernels"))
+IN_PROCESS_INTERPRETER = INTERPRETED_OPS is not None
 
 
 def _compiled_ops() -> SimpleNamespace:
-    functions = {}
-    for module_name, function_name in KERNEL_FUNCTIONS.items():
-        module = importlib.import_module(f"kernels.{module_name}")
-        functions[function_name] = getattr(module, function_name)
-    return SimpleNamespace(**functions)
+    return _wrappers({name: importlib.import_module(f"kernels.{name}") for name in KERNEL_FUNCTIONS})
 
 
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """Each Triton test runs on CPU (interpreter) and, when present, on CUDA (compiled)."""
+    """cpu (Triton interpreter) on machines without CUDA, else cuda (compiled kernels)."""
     if request.param == "cpu":
+        if not IN_PROCESS_INTERPRETER:
+            pytest.skip("Triton was imported in compiled mode before this conftest; "
+                        "test_subprocess_checks.py reruns these in a fresh process")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     return torch.device(request.param)
 
@@ -75,6 +108,16 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t
 def tops(device: torch.device) -> SimpleNamespace:
     """The Triton wrappers that fit `device`: interpreted copies on CPU, compiled modules on CUDA."""
     return INTERPRETED_OPS if device.type == "cpu" else _compiled_ops()
+
+
+@pytest.fixture
+def checked_ops() -> SimpleNamespace:
+    """Triton wrappers for argument-check tests (they raise before any launch)."""
+    if INTERPRETED_OPS is not None:
+        return INTERPRETED_OPS
+    if INTERPRET:
+        pytest.skip("Triton was imported in compiled mode; test_subprocess_checks.py covers this")
+    return _compiled_ops()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import torch
 
 from kernels import reference
 from kernels.backend import get_ops, resolve_backend
-from tests.kernels.conftest import INTERPRETED_OPS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,13 +87,13 @@ def _decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ],
     ids=["head_dim_96", "gqa", "q_dtype", "table_dtype", "pool_dtype"],
 )
-def test_decode_rejects_bad_arguments(make_args, message: str) -> None:
+def test_decode_rejects_bad_arguments(checked_ops: SimpleNamespace, make_args, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        INTERPRETED_OPS.decode_attention(*make_args())
+        checked_ops.decode_attention(*make_args())
 
 
-def test_elementwise_wrappers_reject_bad_arguments() -> None:
-    ops: SimpleNamespace = INTERPRETED_OPS
+def test_wrappers_reject_bad_arguments(checked_ops: SimpleNamespace) -> None:
+    ops = checked_ops
     with pytest.raises(ValueError, match="weight"):
         ops.rms_norm(torch.zeros(2, 8), torch.zeros(7), 1e-6)
     with pytest.raises(ValueError, match="x dtype"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
+from tests.kernels.conftest import IN_PROCESS_INTERPRETER
 from tests.kernels.helpers import PoolBatch, assert_close, make_pool_batch
 
 # (prefix_lens, new_lens, q_heads, kv_heads, head_dim): ragged, cached prefixes, GQA 1 / 3 / 8
@@ -110,6 +111,7 @@ def test_decode_matches_last_prefill_row(tops: SimpleNamespace, device: torch.de
     assert_close(_decode(tops, q[last].contiguous(), pb, 0.125), prefill[last], torch.float32)
 
 
+@pytest.mark.skipif(not IN_PROCESS_INTERPRETER, reason="needs the in-process interpreter copies")
 def test_interpreter_splits_decode_work() -> None:
     """The CPU decode cases above really exercise several splits (the stage-2 merge)."""
     module = sys.modules["_interpreted_kernels.decode_attention"]

@@ -1,0 +1,44 @@
+"""Checks that need a fresh process: sm_90 compilation, and the interpreter when Triton came in compiled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from tests.kernels.conftest import IN_PROCESS_INTERPRETER, INTERPRET, REPO_ROOT
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+INTERPRETER_TEST_FILES = ["tests/kernels/test_triton_elementwise.py", "tests/kernels/test_triton_attention.py",
+                          "tests/kernels/test_backend.py"]
+
+
+def _run(args: list[str], interpret: bool) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=540)
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton wheel without the NVIDIA backend (no ptxas)")
+def test_kernels_compile_for_sm90() -> None:
+    result = _run(["-m", "tests.kernels.aot_compile"], interpret=False)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    compiled = result.stdout.splitlines()
+    for kernel in ("_rms_norm_kernel", "_rope_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
+                   "_prefill_attention_kernel", "_decode_split_kernel", "_decode_combine_kernel"):
+        assert any(line.startswith(kernel) for line in compiled), f"{kernel} was not compiled"
+
+
+@pytest.mark.skipif(not INTERPRET or IN_PROCESS_INTERPRETER,
+                    reason="the interpreter tests already run in this process")
+def test_interpreter_tests_in_fresh_process() -> None:
+    """Triton was imported in compiled mode before tests/kernels; rerun the CPU kernel tests cleanly."""
+    result = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETER_TEST_FILES], interpret=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
