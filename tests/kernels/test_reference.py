@@ -147,3 +147,10 @@ def test_decode_equals_last_prefill_token() -> None:
     decode = reference.decode_attention(q[last], pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                         pb.seq_lens, 0.3, 12)
     torch.testing.assert_close(decode, prefill[last], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rejects_max_seq_len_below_a_seq_len() -> None:
+    pb = make_pool_batch([9], [1], 1, 16, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        reference.decode_attention(torch.randn(1, 2, 16), pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                   pb.seq_lens, 0.25, 5)

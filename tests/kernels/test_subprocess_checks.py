@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,16 @@ def test_interpreter_tests_in_fresh_process() -> None:
     result = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETER_TEST_FILES], interpret=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+def test_bench_smoke_run_in_interpreter(tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
+    result = _run(["bench/kernels.py", "--interpret", "--json", str(out)], interpret=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["versions"]["triton"] == triton.__version__
+    kernels = {(row["kernel"], row["impl"]) for row in payload["results"]}
+    for name in ("rms_norm+residual", "apply_rope", "silu_and_mul", "store_kv", "prefill_attn", "decode_attn"):
+        assert {(name, "triton"), (name, "torch")} <= kernels
+    diffs = [row["max_abs_diff"] for row in payload["results"] if row["impl"] == "triton"]
+    assert all(diff is not None and diff < 0.2 for diff in diffs), diffs  # bf16 through the interpreter
