@@ -21,23 +21,31 @@ DEFAULT_BLOCK_ROWS = 1024  # rows per summary block
 
 def _block_run_stats(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
     """Free count, head run, tail run and longest run of each row of a [k, block_rows] free mask."""
-    k, width = blocks.shape
+    width = blocks.shape[1]
     free = np.count_nonzero(blocks, axis=1).astype(np.int64)
+    head = np.where(free == width, width, 0)  # right for all-free and all-used blocks
+    tail, inner = head.copy(), head.copy()
+    mixed = np.flatnonzero((free > 0) & (free < width))
+    if mixed.size:
+        head[mixed], tail[mixed], inner[mixed] = _mixed_run_stats(blocks[mixed])
+    return free, head, tail, inner
+
+
+def _mixed_run_stats(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Head run, tail run and longest run of blocks that hold both free and used rows."""
+    k, width = blocks.shape
     used = ~blocks
-    has_used = used.any(axis=1)
-    head = np.where(has_used, used.argmax(axis=1), width).astype(np.int64)
-    tail = np.where(has_used, used[:, ::-1].argmax(axis=1), width).astype(np.int64)
+    head = used.argmax(axis=1)
+    tail = used[:, ::-1].argmax(axis=1)
     padded = np.zeros((k, width + 2), np.int8)  # a used column on both sides cuts runs per block
     padded[:, 1:-1] = blocks
     steps = np.diff(padded.ravel())
     starts = np.flatnonzero(steps == 1)
     lengths = np.flatnonzero(steps == -1) - starts
-    inner = np.zeros(k, np.int64)
-    if starts.size:
-        block_of_run = starts // (width + 2)
-        first = np.flatnonzero(np.r_[True, block_of_run[1:] != block_of_run[:-1]])
-        inner[block_of_run[first]] = np.maximum.reduceat(lengths, first)
-    return free, head, tail, inner
+    block_of_run = starts // (width + 2)
+    first = np.flatnonzero(np.r_[True, block_of_run[1:] != block_of_run[:-1]])
+    inner = np.maximum.reduceat(lengths, first)  # every mixed block has at least one run
+    return head, tail, inner
 
 
 class KVPool:
@@ -118,6 +126,8 @@ class KVPool:
         cursor = self._cursor
         if cursor + n <= self.capacity and self._free_mask[cursor : cursor + n].all():
             return cursor
+        if cursor + n > self.capacity and self._free_mask[:n].all():
+            return 0  # the cursor wraps around
         self._refresh_blocks()
         block_ids = np.arange(self._num_blocks)
         not_full = self._blk_free < self._block

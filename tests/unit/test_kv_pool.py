@@ -176,6 +176,22 @@ def test_cursor_near_the_end_wraps_to_a_run_at_the_start() -> None:
     pool.check_invariants()
 
 
+def test_a_whole_free_block_between_used_rows_is_a_run() -> None:
+    pool = KVPool(64, block_rows=16)
+    fragment(pool, [(0, 2), (16, 32), (40, 42), (48, 64)])  # blocks 1 and 3 wholly free; 3 ends the pool
+    assert np.array_equal(pool.alloc(16), np.arange(16, 32))
+    assert np.array_equal(pool.alloc(16), np.arange(48, 64))
+
+
+def test_wrapping_cursor_does_not_take_a_used_row() -> None:
+    pool = KVPool(10, block_rows=4)
+    rows = pool.alloc(7)  # cursor at 7
+    pool.free(rows[:3])  # free: 0, 1, 2 and 7, 8, 9; no run of 4
+    got = pool.alloc(4)
+    assert got is not None and set(got.tolist()) <= {0, 1, 2, 7, 8, 9}
+    pool.check_invariants()
+
+
 def test_scattered_fallback_takes_only_free_rows() -> None:
     pool = KVPool(40, block_rows=8)
     holes = [(1, 3), (9, 11), (20, 22), (37, 39)]
