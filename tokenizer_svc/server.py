@@ -24,6 +24,7 @@ from tokenizer_svc.tokenizer import ModelTokenizer
 from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
                                       validate_token_ids)
 
+THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -150,7 +151,7 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
                         context: grpc.aio.ServicerContext, started: float
                         ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         text_request = request_from_proto(request, request_id)
-        engine_request = self._prepare(text_request)
+        engine_request = await self._prepare(text_request)
         stream = GenerationStream(engine_request, text_request.stop,
                                   self._tokenizer.decode_stream_piece, self._source,
                                   self._config.abort_drain_timeout_s)
@@ -161,18 +162,27 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
                 self._metrics.time_to_first_token_seconds.observe(time.perf_counter() - started)
             yield delta_to_proto(delta, request_id)
 
-    def _prepare(self, request: TextRequest) -> EngineRequest:
-        """Validate, tokenize and size the request; ValueError/ServiceError on bad input."""
-        validate_request(request)
-        limits = self._engine.require_limits()
-        validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, limits.vocab_size)
-        tokenize_started = time.perf_counter()
+    def _prompt_ids(self, request: TextRequest) -> list[int]:
+        started = time.perf_counter()
         if request.chat is not None:
             prompt_ids = self._tokenizer.chat_ids(request.chat)
         else:
             assert request.prompt is not None
             prompt_ids = self._tokenizer.encode(request.prompt)
-        self._metrics.tokenize_seconds.observe(time.perf_counter() - tokenize_started)
+        self._metrics.tokenize_seconds.observe(time.perf_counter() - started)
+        return prompt_ids
+
+    async def _prepare(self, request: TextRequest) -> EngineRequest:
+        """Validate, tokenize and size the request; ValueError/ServiceError on bad input."""
+        validate_request(request)
+        limits = self._engine.require_limits()
+        validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, limits.vocab_size)
+        chars = (len(request.prompt) if request.prompt is not None
+                 else sum(len(turn.content) for turn in request.chat or []))
+        if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+        else:
+            prompt_ids = self._prompt_ids(request)
         if not prompt_ids:
             raise ValueError("prompt tokenizes to 0 tokens; it must hold at least 1 token")
         max_new_tokens = resolve_max_new_tokens(request.max_new_tokens, len(prompt_ids),

@@ -1,69 +1,102 @@
-"""The model's tokenizer: prompt/chat -> token ids, token ids -> text (no protobuf, no torch)."""
+"""The model's tokenizer: prompt/chat -> token ids, token ids -> text (no protobuf, no torch).
+
+Loads the model directory's `tokenizer.json` with Hugging Face `tokenizers` and its chat
+template with Jinja, matching `transformers.AutoTokenizer` (tests check the parity) without
+importing transformers, which imports torch and costs seconds of startup.
+"""
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from tokenizer_svc.chat_template import ChatTemplate, find_chat_template
 from tokenizer_svc.schema import ChatTurn
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens are stored as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(model_dir: Path, config: dict[str, Any]) -> dict[str, str]:
+    """bos/eos/unk/pad token strings from special_tokens_map.json and tokenizer_config.json."""
+    found: dict[str, str] = {}
+    for source in (_read_json(model_dir / "special_tokens_map.json"), config):
+        for key in SPECIAL_TOKEN_KEYS:
+            text = _token_text(source.get(key))
+            if text:
+                found[key] = text
+    return found
 
 
 class ModelTokenizer:
-    """Wraps a Hugging Face fast tokenizer with the operations the service needs."""
+    """A fast tokenizer plus the model's chat template and special tokens."""
 
-    def __init__(self, hf_tokenizer: Any, name: str) -> None:
-        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError(f"tokenizer of {name} is not a fast (Rust `tokenizers`) tokenizer")
-        self._hf = hf_tokenizer
-        self._backend = backend  # tokenizers.Tokenizer: decode without Python-side cleanup
+    def __init__(self, backend: Tokenizer, name: str, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None,
+                 clean_up_tokenization_spaces: bool = False) -> None:
+        self._backend = backend
         self.name = name
+        self.special_tokens = dict(special_tokens or {})
+        self._chat_template = (ChatTemplate(chat_template, self.special_tokens)
+                               if chat_template else None)
+        self._clean_up = clean_up_tokenization_spaces
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelTokenizer":
-        """Load the tokenizer files of a local Hugging Face model directory (never a hub)."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer  # slow import, only when a model is loaded
-
+        """Load tokenizer.json, tokenizer_config.json and the chat template of a local directory."""
         path = Path(model_dir)
-        if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-            raise ValueError(f"--model {path}: no tokenizer.json / tokenizer_config.json there")
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return cls(hf_tokenizer, path.name)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"--model {path}: no tokenizer.json there (a Hugging Face fast "
+                             f"tokenizer is required)")
+        config = _read_json(path / "tokenizer_config.json")
+        return cls(Tokenizer.from_file(str(tokenizer_file)), path.name,
+                   chat_template=find_chat_template(path, config),
+                   special_tokens=read_special_tokens(path, config),
+                   clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces",
+                                                                False)))
 
     @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer knows (base vocabulary plus added tokens)."""
-        return len(self._hf)
+        return self._backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self._hf, "chat_template", None))
+        return self._chat_template is not None
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = self._hf.eos_token_id
-        return [] if eos is None else [int(eos)]
+        eos = self.special_tokens.get("eos_token")
+        token_id = None if eos is None else self._backend.token_to_id(eos)
+        return [] if token_id is None else [token_id]
 
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """Text -> ids; add_special_tokens None means the tokenizer's own default."""
-        if add_special_tokens is None:
-            return list(self._hf.encode(text))
-        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+        """Text -> ids; add_special_tokens None means the tokenizer's default (True, like HF)."""
+        add = True if add_special_tokens is None else add_special_tokens
+        return self._backend.encode(text, add_special_tokens=add).ids
 
     def render_chat(self, turns: Sequence[ChatTurn]) -> str:
         """Chat -> prompt text with the model's chat template and the generation prompt."""
-        if not self.has_chat_template:
+        if self._chat_template is None:
             raise ValueError(f"chat: model {self.name} has no chat template; send a prompt")
-        messages = [{"role": turn.role, "content": turn.content} for turn in turns]
-        try:
-            rendered = self._hf.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False)
-        except Exception as error:  # jinja raises for e.g. unsupported role orders
-            raise ValueError(f"chat: the chat template rejected the messages: {error}") from error
-        return str(rendered)
+        return self._chat_template.render(
+            [{"role": turn.role, "content": turn.content} for turn in turns])
 
     def chat_ids(self, turns: Sequence[ChatTurn]) -> list[int]:
         """Chat -> ids: the template already holds the special tokens, so add none again."""
@@ -74,5 +107,9 @@ class ModelTokenizer:
         return self._backend.decode(list(token_ids), skip_special_tokens=True)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Full decode as the Hugging Face tokenizer does it (Detokenize rpc)."""
-        return str(self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+        """Full decode as Hugging Face does it, incl. clean_up_tokenization_spaces if configured."""
+        text = self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        if self._clean_up:
+            for before, after in _CLEANUP:
+                text = text.replace(before, after)
+        return text

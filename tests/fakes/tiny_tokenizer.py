@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def tiny_hf_tokenizer():
 
 
 def save_tiny_model_dir(path: Path) -> Path:
-    """Write the tiny tokenizer as a model directory (tokenizer files only)."""
-    tiny_hf_tokenizer().save_pretrained(str(path))
+    """Write the tiny tokenizer as a model directory (tokenizer files only, no transformers)."""
+    path.mkdir(parents=True, exist_ok=True)
+    byte_level_bpe().save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "unk_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return path
 
 

@@ -134,7 +134,7 @@ def _request(**fields) -> generate_pb2.GenerateRequest:
 
 INVALID = [
     (dict(prompt=""), "prompt must not be empty"),
-    (dict(prompt="word " * 600), f"it must be at most {MAX_MODEL_LEN - 1}"),
+    (dict(prompt="word " * 2000), f"it must be at most {MAX_MODEL_LEN - 1}"),  # threaded
     (dict(stopping=dict(max_new_tokens=0)), "stopping.max_new_tokens must be >= 1"),
     (dict(stopping=dict(max_new_tokens=MAX_MODEL_LEN)), "stopping.max_new_tokens must be in [1,"),
     (dict(sampling=dict(temperature=-1.0)), "sampling.temperature must be in [0, 100]"),
