@@ -61,8 +61,10 @@ def test_silu_and_mul(tops: SimpleNamespace, device: torch.device, dtype: torch.
     assert_close(out, reference.silu_and_mul(x), dtype)
 
 
-@pytest.mark.parametrize(("cache_dtype", "new_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                        (torch.float16, torch.float32)])
+STORE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize(("cache_dtype", "new_dtype"), STORE_DTYPES)
 @pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, 128), (3, 64)])
 def test_store_kv_scatters_into_shared_pool(tops: SimpleNamespace, device: torch.device, cache_dtype: torch.dtype,
                                             new_dtype: torch.dtype, kv_heads: int, head_dim: int) -> None:
