@@ -50,7 +50,8 @@ def _as_tokens(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"token_ids must hold integers, got dtype {arr.dtype}")
     if int(arr.min()) < 0 or int(arr.max()) > MAX_TOKEN_ID:
-        raise ValueError(f"token_ids must lie in [0, {MAX_TOKEN_ID}], got [{int(arr.min())}, {int(arr.max())}]")
+        low, high = int(arr.min()), int(arr.max())
+        raise ValueError(f"token_ids must lie in [0, {MAX_TOKEN_ID}], got values in [{low}, {high}]")
     return arr.astype(np.int32)
 
 
@@ -93,11 +94,18 @@ class PrefixCache:
         return rows
 
     def insert(self, token_ids: Sequence[int] | np.ndarray, rows: np.ndarray | Sequence[int]) -> int:
-        """Record that token_ids[i] lives in rows[i]; the tree references only the new part. Returns its length."""
+        """Record that token_ids[i] lives in rows[i]; the tree references only the part it lacked.
+
+        Parts already cached keep their rows (the caller's duplicates are not taken). Returns the
+        number of tokens newly added.
+        """
         tokens = _as_tokens(token_ids)
         row_arr = np.asarray(rows)
         if row_arr.ndim != 1 or row_arr.size != tokens.size:
-            raise ValueError(f"rows must be 1-D with len(rows) == len(token_ids) == {tokens.size}, got shape {row_arr.shape}")
+            raise ValueError(
+                f"rows must be 1-D with len(rows) == len(token_ids) == {tokens.size},"
+                f" got shape {row_arr.shape}"
+            )
         if row_arr.size and not np.issubdtype(row_arr.dtype, np.integer):
             raise ValueError(f"rows must hold integers, got dtype {row_arr.dtype}")
         self._clock += 1
@@ -163,7 +171,11 @@ class PrefixCache:
 
     # ---- eviction -------------------------------------------------------------------------
     def evict(self, num_rows: int) -> int:
-        """Free rows of LRU leaves held by the tree alone until num_rows went back; returns rows freed."""
+        """Trim LRU leaves (rows held by the tree alone) until num_rows rows are freed or none is left.
+
+        Takes exactly min(num_rows, evictable_tokens()) rows: a leaf's tail is cut when only part of it
+        is needed. Returns the number of rows that went back to the pool.
+        """
         if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)):
             raise ValueError(f"num_rows must be an integer, got {num_rows!r}")
         freed, kept = 0, []
@@ -208,18 +220,23 @@ class PrefixCache:
         self._num_tokens = self._num_nodes = 0
 
     def evictable_tokens(self) -> int:
-        """Rows that evict() could return to the pool now (O(nodes) walk plus vectorised counting)."""
+        """Rows that evict() could return to the pool now (O(nodes) walk, O(tokens) vectorised)."""
         nodes, subtree_end = self._preorder()
         if not nodes:
             return 0
         lengths = np.array([node.rows.size for node in nodes])
         offsets = np.r_[0, np.cumsum(lengths)]  # node i's rows sit at flat [offsets[i], offsets[i+1])
-        held = self._pool.ref_counts(np.concatenate([node.rows for node in nodes])) > 1
-        held_before = np.r_[0, np.cumsum(held)]  # held rows in flat [0, p)
-        node_of_row = np.repeat(np.arange(len(nodes)), lengths)
-        subtree_stop = offsets[np.asarray(subtree_end)][node_of_row]  # end of the row's subtree span
-        positions = np.arange(offsets[-1])
-        return int(np.count_nonzero(held_before[subtree_stop] == held_before[positions]))
+        held_rows = np.flatnonzero(self._pool.ref_counts(np.concatenate([node.rows for node in nodes])) > 1)
+        if held_rows.size == 0:
+            return int(offsets[-1])
+        held_before = np.searchsorted(held_rows, offsets)  # held rows in flat [0, offsets[i])
+        held_below = held_before[np.asarray(subtree_end)] - held_before[1:]  # in node i's descendants
+        node_of_held = np.searchsorted(offsets, held_rows, side="right") - 1  # sorted, like held_rows
+        last = np.flatnonzero(np.r_[node_of_held[1:] != node_of_held[:-1], True])  # last held row per node
+        pinned = np.where(held_below > 0, lengths, 0)  # a held descendant pins the whole edge
+        tail_pin = held_rows[last] + 1 - offsets[node_of_held[last]]  # edge rows up to the last held one
+        pinned[node_of_held[last]] = np.maximum(pinned[node_of_held[last]], tail_pin)
+        return int(offsets[-1] - pinned.sum())
 
     # ---- traversal ------------------------------------------------------------------------
     def _nodes(self) -> list[_Node]:

@@ -118,7 +118,9 @@ TestPoolMachine.settings = settings(
     seed=st.integers(0, 2**32 - 1),
     offset=st.integers(-2, 2),
 )
-def test_fragmented_pool_contiguous_iff_a_run_exists(capacity: int, block_rows: int, seed: int, offset: int) -> None:
+def test_fragmented_pool_contiguous_iff_a_run_exists(
+    capacity: int, block_rows: int, seed: int, offset: int
+) -> None:
     pool = KVPool(capacity, block_rows=block_rows)
     held = pool.alloc(capacity)
     rng = np.random.default_rng(seed)

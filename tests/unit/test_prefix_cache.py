@@ -25,7 +25,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.requests: list[tuple[list[int], np.ndarray]] = []  # (tokens, rows held) per live request
 
     def _check_match(self, tokens: list[int], rows: np.ndarray) -> None:
-        longest = max((k for k in range(len(tokens) + 1) if k == 0 or tuple(tokens[:k]) in self.tree), default=0)
+        cached = [k for k in range(1, len(tokens) + 1) if tuple(tokens[:k]) in self.tree]
+        longest = max(cached, default=0)
         assert rows.dtype == np.int64 and rows.size == longest
         for i, row in enumerate(rows.tolist()):
             assert self.content[row] == tuple(tokens[: i + 1])  # the row really holds this prefix
