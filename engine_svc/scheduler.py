@@ -188,11 +188,16 @@ class Scheduler:
     # ---- after the forward pass -----------------------------------------------------------
     def commit(self, plan: StepPlan) -> None:
         """Record that the plan's K/V are now in their rows."""
-        for chunk in plan.chunks:
-            if chunk.seq.status is SeqStatus.RUNNING:
-                chunk.seq.append_rows(chunk.new_rows)
-            else:  # aborted while the step ran
+        for index, chunk in enumerate(plan.chunks):
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
                 self.pool.free(chunk.new_rows)
+                continue
+            seq.append_rows(chunk.new_rows)
+            if chunk.samples and index >= len(plan.decode) and self.prefix_cache is not None:
+                # prompt fully prefilled: share it now, not only when the request ends, so
+                # requests arriving meanwhile with the same prefix skip its prefill
+                self.prefix_cache.insert(seq.token_ids(0, seq.num_computed), seq.rows)
 
     # ---- rows -------------------------------------------------------------------------------
     def _alloc(self, count: int, reserve: int = 0) -> np.ndarray | None:
