@@ -128,6 +128,16 @@ class LLMEngine:
         """True while the request is queued or running."""
         return request_id in self._live
 
+    def rows_held_by_requests(self) -> int:
+        """Pool rows that queued/running requests hold (cache-only rows are reclaimable).
+
+        Requests share rows only through the prefix cache, so every row with two or more
+        references is in the tree, and the tree holds one reference per row it caches.
+        """
+        if self.prefix_cache is None:
+            return self.pool.num_used
+        return self.pool.num_used - self.prefix_cache.num_cached_tokens + self.pool.num_shared
+
     def clear_prefix_cache(self) -> None:
         """Drop every prefix-cache reference at the next step (rows in use stay in use)."""
         self._inbox.put(("clear_cache", None))

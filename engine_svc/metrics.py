@@ -24,7 +24,12 @@ class EngineMetrics:
         self.registry = r = CollectorRegistry()
         self.kv_capacity = Gauge("llmserve_kv_pool_capacity_tokens",
                                  "KV pool capacity in tokens", registry=r)
-        self.kv_used = Gauge("llmserve_kv_pool_used_tokens", "KV pool rows in use", registry=r)
+        self.kv_used = Gauge("llmserve_kv_pool_used_tokens",
+                             "KV pool rows held by requests (cache-only rows count as free)",
+                             registry=r)
+        self.kv_cached = Gauge("llmserve_prefix_cache_tokens",
+                               "KV pool rows held by the prefix cache (reclaimable when "
+                               "no request shares them)", registry=r)
         self.kv_usage = Gauge("llmserve_kv_pool_usage_ratio", "used / capacity", registry=r)
         self.kv_shared = Gauge("llmserve_kv_pool_shared_tokens",
                                "KV pool rows held by more than one holder", registry=r)
@@ -109,8 +114,10 @@ class EngineMetrics:
 
     def _record_pool(self, engine: LLMEngine) -> None:
         pool, scheduler = engine.pool, engine.scheduler
-        self.kv_used.set(pool.num_used)
-        self.kv_usage.set(pool.num_used / pool.capacity)
+        used = engine.rows_held_by_requests()
+        self.kv_used.set(used)
+        self.kv_usage.set(used / pool.capacity)
+        self.kv_cached.set(engine.prefix_cache.num_cached_tokens if engine.prefix_cache else 0)
         self.kv_shared.set(pool.num_shared)
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))

@@ -109,3 +109,23 @@ def test_seeded_sampling_unchanged_by_cache_hit(tiny_dir):
     warm = engine.generate([prompt], seeded, stopping)[0]
     assert engine.scheduler.prefix_hit_tokens >= 49
     assert cold == warm
+
+
+def test_rows_held_by_requests_excludes_cache_only_rows(tiny_dir):
+    engine = make_engine(tiny_dir)
+    prompt = ids(30, seed=9, vocab=320)
+    engine.generate([prompt], GREEDY, STOP8)
+    assert engine.pool.num_used > 0 and engine.rows_held_by_requests() == 0
+    engine.add_request("again", prompt + [7, 8], GREEDY, STOP8)
+    engine.step()
+    seq = engine._live["again"]
+    # it holds every computed row, some of them shared with the tree (counted once)
+    assert engine.rows_held_by_requests() == seq.num_computed
+    engine.add_request("twin", prompt + [7, 9], GREEDY, STOP8)
+    engine.step()
+    held = {int(r) for s in engine.scheduler.running for r in s.rows}
+    assert engine.rows_held_by_requests() == len(held)
+    engine.abort("again")
+    engine.abort("twin")
+    engine.step()
+    assert engine.rows_held_by_requests() == 0
