@@ -179,7 +179,9 @@ def test_existing_rows_win_and_duplicates_are_not_taken() -> None:
     second = pool.alloc(4)  # a request that computed [5, 6, 7, 8] itself
     assert cache.insert([5, 6, 7, 8], second) == 1
     assert pool.ref_counts(second).tolist() == [1, 1, 1, 2]
+    assert cache.evictable_tokens() == 0 and cache.evict(10) == 0  # the held [8] pins its path
     pool.free(second)
+    assert cache.evictable_tokens() == 4
     got = cache.match([5, 6, 7, 8])
     assert np.array_equal(got, np.r_[first, second[3]])
     assert cache.insert([5, 6], second[:2]) == 0  # already cached, and ending inside an edge
