@@ -1,0 +1,217 @@
+"""Shared helpers of the serving benchmarks: thread settings, machine info, latency statistics,
+random prompts that survive a tokenizer round trip, and both services started on loopback."""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# ---- threads and machine -----------------------------------------------------------------------
+def set_threads(num_threads: int, use_torch: bool = True) -> dict[str, int]:
+    """Set OMP/MKL_NUM_THREADS (inherited by child processes) and, with `use_torch`, torch's
+    intra-op threads in this process; return the settings for the result file."""
+    if num_threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {num_threads}")
+    os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    os.environ["MKL_NUM_THREADS"] = str(num_threads)
+    settings: dict[str, int] = {"OMP_NUM_THREADS": num_threads}
+    if use_torch:
+        import torch
+
+        torch.set_num_threads(num_threads)
+        settings["torch_num_threads"] = torch.get_num_threads()
+        settings["torch_num_interop_threads"] = torch.get_num_interop_threads()
+    return settings
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
+                              capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, object]:
+    """Device, versions, load and the command line, for a result file."""
+    info: dict[str, object] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_start": os.getloadavg()[0],
+    }
+    for module in ("torch", "transformers", "grpc", "numpy"):
+        if module in sys.modules:
+            info[f"{module}_version"] = getattr(sys.modules[module], "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def summarize_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """mean / p50 / p90 / p99 / max of durations given in seconds, in milliseconds."""
+    if len(seconds) == 0:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
+            "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)),
+            "max": float(ms.max()), "count": int(ms.size)}
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+def stable_prompt_ids(encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                      rng: np.random.Generator, length: int, id_low: int, id_high: int,
+                      max_rounds: int = 8) -> tuple[str, list[int]]:
+    """Random token ids -> text whose encoding is exactly `length` ids that decode back to it.
+
+    Random ids rarely survive decode/encode unchanged, so the text is re-encoded, cut or padded
+    to `length` and decoded again until encode(decode(ids)) == ids.
+    """
+    if length < 1:
+        raise ValueError(f"input length must be >= 1, got {length}")
+    ids = [int(t) for t in rng.integers(id_low, id_high, size=length)]
+    for _ in range(max_rounds):
+        text = decode(ids)
+        again = encode(text)
+        if again == ids:
+            return text, ids
+        if len(again) < length:
+            again += [int(t) for t in rng.integers(id_low, id_high, size=length - len(again))]
+        ids = again[:length]
+    text = decode(ids)
+    return text, encode(text)  # close to `length`; callers report the real count
+
+
+# ---- services on loopback -----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(slots=True)
+class ServiceProcess:
+    """One started service process and where it listens."""
+
+    name: str
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def wait_serving(self, timeout_s: float = 300.0) -> None:
+        from grpc_health.v1 import health_pb2
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout_s} s; log: {self.log_path}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def health_status(address: str, timeout_s: float = 1.0) -> int | None:
+    """grpc.health.v1 status of the whole server at `address`, None when unreachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s).status
+        except grpc.RpcError:
+            return None
+
+
+def _spawn(name: str, args: list[str], log_dir: Path, threads: int, address: str) -> ServiceProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    log_path = log_dir / f"{name}-{address.rsplit(':', 1)[1]}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    return ServiceProcess(name, process, address, log_path)
+
+
+class Services:
+    """Engine + tokenizer service on free loopback ports; a context manager that stops both."""
+
+    def __init__(self, model: str | Path, engine_args: Sequence[str], threads: int,
+                 log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        engine_address = f"127.0.0.1:{free_port()}"
+        self.engine = _spawn("engine", [
+            "engine_svc", "--model", str(model), "--port", engine_address.rsplit(":", 1)[1],
+            "--metrics-port", "-1", "--log-level", "WARNING", *engine_args],
+            log_dir, threads, engine_address)
+        self.tokenizer: ServiceProcess | None = None
+        try:
+            self.engine.wait_serving()
+            address = f"127.0.0.1:{free_port()}"
+            self.tokenizer = _spawn("tokenizer", [
+                "tokenizer_svc", "--model", str(model), "--engine", engine_address,
+                "--port", address.rsplit(":", 1)[1], "--metrics-port", "-1"],
+                log_dir, threads, address)
+            self.tokenizer.wait_serving()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def address(self) -> str:
+        """The public TextGeneration address (tokenizer service)."""
+        assert self.tokenizer is not None
+        return self.tokenizer.address
+
+    def close(self) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.stop()
+        self.engine.stop()
+
+    def __enter__(self) -> "Services":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,213 @@
+"""This engine vs Hugging Face transformers on the same weights, prompts and token counts.
+
+Per dtype (fp32 and bf16 by default) and scenario (single stream: one request at a time;
+concurrent: all requests at once), in one process, one after another:
+  (a) hf_sequential  transformers generate, one request at a time
+  (b) hf_batched     transformers generate on one left-padded batch (concurrent scenario)
+  (c) engine         LLMEngine in-process (greedy, ignore_eos)
+  (d) service        engine_svc + tokenizer_svc over gRPC, requests sent like the scenario
+Every side generates exactly --new-tokens per request (HF: min_new_tokens = max_new_tokens).
+Ratios are against the faster dtype of (a) and of (b).
+
+    python bench/vs_hf.py --json bench/results/vs_hf_cpu.json
+    python bench/vs_hf.py --quick --model DIR --no-service
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine_info, set_threads, stable_prompt_ids  # noqa: E402
+from bench.vs_hf_runners import (Measurement, run_engine, run_hf_batched,  # noqa: E402
+                                 run_hf_sequential, run_service)
+
+DEFAULT_MODEL = "models/smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class Scenario:
+    """A set of prompts, how many tokens each gets, and whether they run together."""
+
+    name: str
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str] | None   # None when the model has no tokenizer (no service run)
+    new_tokens: int
+    concurrent: bool
+
+
+def make_prompts(model_dir: Path, count: int, min_len: int, max_len: int, vocab: int,
+                 rng: np.random.Generator) -> tuple[list[list[int]], list[str] | None]:
+    """Random prompts; with a tokenizer, texts whose encoding is exactly the ids."""
+    lengths = rng.integers(min_len, max_len + 1, size=count)
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return [[int(t) for t in rng.integers(3, vocab, size=int(n))] for n in lengths], None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=True).ids  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    pairs = [stable_prompt_ids(encode, decode, rng, int(n), min(1000, vocab // 4), vocab)
+             for n in lengths]
+    return [ids for _, ids in pairs], [text for text, _ in pairs]
+
+
+def build_scenarios(args: argparse.Namespace, vocab: int) -> list[Scenario]:
+    rng = np.random.default_rng(args.seed)
+    scenarios = []
+    for name, count, concurrent in (("single_stream", args.single_prompts, False),
+                                    (f"concurrent_{args.batch}", args.batch, True)):
+        ids, texts = make_prompts(args.model, count, args.min_prompt_len, args.max_prompt_len,
+                                  vocab, rng)
+        scenarios.append(Scenario(name, ids, texts, args.new_tokens, concurrent))
+    return scenarios
+
+
+def run_all(args: argparse.Namespace, scenarios: list[Scenario]) -> list[Measurement]:
+    """Every method x dtype x scenario, one at a time (nothing else runs meanwhile)."""
+    results: list[Measurement] = []
+    reference: dict[tuple[str, str], list[list[int]]] = {}   # (scenario, dtype) -> hf_sequential
+    for dtype in args.dtypes:
+        for method in args.methods:
+            if method == "service" and (args.no_service or scenarios[0].prompt_texts is None):
+                continue
+            for measurement in run_method(method, dtype, scenarios, args):
+                key = (measurement.scenario, dtype)
+                if method == "hf_sequential":
+                    reference[key] = measurement.outputs
+                measurement.score_against(reference.get(key))
+                print(measurement.line(), flush=True)
+                results.append(measurement)
+            gc.collect()
+    return results
+
+
+def run_method(method: str, dtype: str, scenarios: list[Scenario],
+               args: argparse.Namespace) -> list[Measurement]:
+    if method == "hf_sequential":
+        return run_hf_sequential(args.model, dtype, scenarios, args.device)
+    if method == "hf_batched":
+        return run_hf_batched(args.model, dtype, [s for s in scenarios if s.concurrent],
+                              args.device)
+    if method == "engine":
+        return run_engine(args.model, dtype, scenarios, args.max_model_len, args.device)
+    log_dir = Path(tempfile.mkdtemp(prefix="llmserve-vs-hf-"))
+    return run_service(args.model, dtype, scenarios, args.max_model_len, args.threads, log_dir,
+                       args.device)
+
+
+def ratio_table(results: list[Measurement]) -> list[dict]:
+    """Rows with tokens/s and ratios to the best-dtype hf_sequential and hf_batched per scenario."""
+    best: dict[tuple[str, str], float] = {}
+    for m in results:
+        if m.method in ("hf_sequential", "hf_batched"):
+            key = (m.scenario, m.method)
+            best[key] = max(best.get(key, 0.0), m.tokens_per_s)
+    rows = []
+    for m in results:
+        row = {k: v for k, v in asdict(m).items() if k != "outputs"}
+        for base in ("hf_sequential", "hf_batched"):
+            ref = best.get((m.scenario, base))
+            row[f"x_vs_{base}"] = m.tokens_per_s / ref if ref else None
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'scenario':16} {'method':14} {'dtype':9} {'tok/s':>9} {'x HF seq':>9} "
+            f"{'x HF batch':>10} {'exact':>6} {'agree':>6}  note")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        ratios = [f"{r[k]:.2f}" if r[k] is not None else "-"
+                  for k in ("x_vs_hf_sequential", "x_vs_hf_batched")]
+        agree = f"{r['agree_with_hf']:.2f}" if r["agree_with_hf"] is not None else "-"
+        print(f"{r['scenario']:16} {r['method']:14} {r['dtype']:9} {r['tokens_per_s']:9.1f} "
+              f"{ratios[0]:>9} {ratios[1]:>10} {str(r['exact_counts']):>6} {agree:>6}  "
+              f"{r['note']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16"])
+    p.add_argument("--methods", nargs="+", default=["hf_sequential", "hf_batched", "engine",
+                                                    "service"],
+                   choices=["hf_sequential", "hf_batched", "engine", "service"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every side runs there)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch intra-op threads here and OMP_NUM_THREADS of the engine service")
+    p.add_argument("--single-prompts", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32, help="requests of the concurrent scenario")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--min-prompt-len", type=int, default=64)
+    p.add_argument("--max-prompt-len", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-service", action="store_true", help="skip (d), the gRPC services")
+    p.add_argument("--quick", action="store_true",
+                   help="2 single prompts, batch 8, 16 new tokens, prompts of 16-32 tokens")
+    p.add_argument("--json", type=Path, help="write the results here")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("threads", "single_prompts", "batch", "new_tokens", "min_prompt_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_prompt_len < args.min_prompt_len:
+        raise ValueError(f"--max-prompt-len must be >= --min-prompt-len ({args.min_prompt_len}), "
+                         f"got {args.max_prompt_len}")
+    if args.max_prompt_len + args.new_tokens > args.max_model_len:
+        raise ValueError(f"--max-prompt-len + --new-tokens must be <= --max-model-len "
+                         f"({args.max_model_len})")
+    if not (args.model / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: no config.json there")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.single_prompts, args.batch, args.new_tokens = 2, 8, 16
+        args.min_prompt_len, args.max_prompt_len = 16, 32
+    try:
+        validate(args)
+    except ValueError as error:
+        parser.error(str(error))
+    threads = set_threads(args.threads)
+    import torch
+    import transformers
+
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    scenarios = build_scenarios(args, vocab)
+    info = machine_info()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {threads}, "
+          f"dtypes {args.dtypes}, device {args.device}, model {args.model}", flush=True)
+    rows = ratio_table(run_all(args, scenarios))
+    print_table(rows)
+    result = {"machine": info, "threads": threads, "model": str(args.model), "device": args.device,
+              "new_tokens": args.new_tokens, "prompt_len_range": [args.min_prompt_len,
+                                                                  args.max_prompt_len],
+              "scenarios": {s.name: {"requests": len(s.prompt_ids), "concurrent": s.concurrent,
+                                     "prompt_tokens": [len(p) for p in s.prompt_ids]}
+                            for s in scenarios},
+              "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if all(r["exact_counts"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

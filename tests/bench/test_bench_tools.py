@@ -1,0 +1,105 @@
+"""Smoke runs of the serving benchmark tools on tiny configurations: the result files must hold
+every key, token counts must be exact and latencies positive and ordered."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.common import stable_prompt_ids, summarize_ms
+from tests.conftest import REPO_ROOT, build_tiny_model
+
+LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+STAT_KEYS = {"mean", "p50", "p90", "p99", "max", "count"}
+
+
+def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_summarize_ms_converts_and_orders() -> None:
+    stats = summarize_ms([0.001, 0.002, 0.003, 0.010])
+    assert set(stats) == STAT_KEYS
+    assert stats["mean"] == pytest.approx(4.0)
+    assert stats["p50"] == pytest.approx(2.5)
+    assert stats["p50"] <= stats["p99"] <= stats["max"] == pytest.approx(10.0)
+    assert summarize_ms([])["count"] == 0
+
+
+def test_stable_prompt_ids_round_trip(default_model_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
+    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    rng = np.random.default_rng(3)
+    for length in (1, 17, 96):
+        text, ids = stable_prompt_ids(encode, decode, rng, length, 1000, 49152)
+        assert len(ids) == length
+        assert encode(text) == ids and decode(ids) == text
+    with pytest.raises(ValueError, match="input length"):
+        stable_prompt_ids(encode, decode, rng, 0, 1000, 49152)
+
+
+def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path)
+    out = tmp_path / "vs_hf.json"
+    done = run_tool("bench/vs_hf.py", "--model", str(model), "--quick", "--no-service",
+                    "--threads", "1", "--json", str(out))
+    assert "x HF seq" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["threads"]["torch_num_threads"] == 1
+    assert {"torch_version", "transformers_version", "cpu", "command"} <= set(result["machine"])
+    rows = result["rows"]
+    # 2 dtypes x (hf_sequential 2 scenarios + hf_batched 1 + engine 2)
+    assert len(rows) == 2 * 5
+    assert {(r["method"], r["dtype"]) for r in rows} == {
+        (m, d) for m in ("hf_sequential", "hf_batched", "engine") for d in ("float32", "bfloat16")}
+    for row in rows:
+        scenario = result["scenarios"][row["scenario"]]
+        assert row["exact_counts"] is True
+        assert row["tokens"] == scenario["requests"] * row["new_tokens"] == row["requests"] * 16
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0
+        assert row["x_vs_hf_sequential"] > 0
+        assert (row["x_vs_hf_batched"] is None) == (not scenario["concurrent"])
+        if row["method"] != "hf_sequential":
+            assert 0.0 <= row["agree_with_hf"] <= 1.0
+    engine_rows = [r for r in rows if r["method"] == "engine"]
+    assert all(r["extra"]["decode_step_ms"]["count"] > 0 for r in engine_rows)
+    best = {}
+    for r in rows:
+        if r["method"] == "hf_sequential":
+            best[r["scenario"]] = max(best.get(r["scenario"], 0), r["tokens_per_s"])
+    for r in rows:
+        assert r["x_vs_hf_sequential"] == pytest.approx(r["tokens_per_s"] / best[r["scenario"]])
+
+
+def test_serve_against_started_services(default_model_dir: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    run_tool("bench/serve.py", "--start-services", "--model", str(default_model_dir),
+             "--threads", "1", "--concurrency", "1", "3", "--num-prompts", "3",
+             "--input-len", "12", "--output-len", "5", "--warmup", "1", "--no-progress",
+             "--json", str(out), "--plot", str(png), timeout=180)
+    result = json.loads(out.read_text())
+    assert result["threads"] == {"OMP_NUM_THREADS": 1}
+    assert [r["concurrency"] for r in result["runs"]] == [1, 3]
+    for run in result["runs"]:
+        assert run["completed"] == 3 and run["failed"] == 0
+        assert run["total_output_tokens"] == 15 and run["output_tokens_per_request"] == [5]
+        assert run["total_input_tokens"] == 3 * 12
+        assert run["output_throughput"] == pytest.approx(15 / run["duration_s"])
+        for key in LATENCY_KEYS:
+            assert set(run[key]) == STAT_KEYS
+            assert 0 < run[key]["p50"] <= run[key]["p99"] <= run[key]["max"]
+        assert run["itl_ms"]["count"] >= 1  # gaps after the first message
+        assert run["ttft_ms"]["max"] < run["e2e_ms"]["max"]
+        assert run["tpot_ms"]["count"] == 3
+    assert png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
