@@ -229,7 +229,7 @@ class LLMEngine:
         if sampled is None or not sampled_chunks:
             return outputs
         token_ids = sampled.token_ids.tolist()
-        logprobs = sampled.logprobs.tolist()
+        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         now = time.monotonic()
@@ -242,7 +242,7 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            out = RequestOutput(seq.request_id, [token], [logprobs[i]])
+            out = RequestOutput(seq.request_id, [token], [logprobs[i]] if logprobs else [])
             if seq.sampling.top_logprobs and top_ids is not None:
                 k = seq.sampling.top_logprobs
                 out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))]

@@ -145,8 +145,10 @@ class ModelRunner:
         for seq in seqs:
             if seq.sampler_state is None and seq.sampling.seed is not None:
                 seq.sampler_state = torch.Generator(self.device).manual_seed(seq.sampling.seed)
-        return self.sampler(logits, [s.sampling for s in seqs], [s.sampler_state for s in seqs],
-                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+        params = [s.sampling for s in seqs]
+        return self.sampler(logits, params, [s.sampler_state for s in seqs],
+                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+                            need_logprobs=any(p.top_logprobs for p in params))
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[ScheduledChunk]]:
         chunks = plan.chunks

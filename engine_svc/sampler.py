@@ -32,7 +32,7 @@ class SamplerOutput:
     """Per-row results of one sampling step."""
 
     token_ids: torch.Tensor  # [batch] int64
-    logprobs: torch.Tensor  # [batch] float32, raw-logit log-softmax at the chosen token
+    logprobs: torch.Tensor | None  # [batch] float32, raw-logit log-softmax at the chosen token
     top_ids: torch.Tensor | None  # [batch, k] int64, k = max top_logprobs in the batch
     top_logprobs: torch.Tensor | None  # [batch, k] float32, raw-logit log-softmax, descending
 
@@ -54,18 +54,21 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  prompt_ids: list[Sequence[int]],
-                 output_ids: list[Sequence[int]]) -> SamplerOutput:
+                 output_ids: list[Sequence[int]], need_logprobs: bool = True) -> SamplerOutput:
+        """Sample one token per row; `need_logprobs=False` skips the log-softmax work."""
         raw = self._checked_logits(logits, params, generators, prompt_ids, output_ids)
-        log_norm = torch.logsumexp(raw, dim=-1)  # [batch]
         any_penalty = any(p.has_penalties for p in params)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not any_penalty:
             token_ids = raw.argmax(dim=-1)  # fast path: no sort, no per-row work
         else:
             token_ids = self._choose(raw, params, generators, prompt_ids, output_ids)
-        logprobs = raw.gather(1, token_ids[:, None]).squeeze(1) - log_norm  # [batch]
         top_k = min(max((p.top_logprobs for p in params), default=0), self.vocab_size)
-        top_ids = top_logprobs = None
+        top_ids = top_logprobs = logprobs = None
+        if not need_logprobs and top_k == 0:
+            return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+        log_norm = torch.logsumexp(raw, dim=-1)  # [batch]
+        logprobs = raw.gather(1, token_ids[:, None]).squeeze(1) - log_norm  # [batch]
         if top_k > 0:
             top_values, top_ids = raw.topk(top_k, dim=-1)  # [batch, k], descending
             top_logprobs = top_values - log_norm[:, None]

@@ -270,3 +270,17 @@ def test_bad_batch_shapes_are_rejected() -> None:
         _run(sampler, torch.zeros(2, 9), [SamplingParams()] * 2)
     with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
         sampler(torch.zeros(10), [SamplingParams()], [None], [[]], [[]])
+
+
+def test_logprobs_skipped_when_not_needed_but_tokens_unchanged() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=0.0)] * 3
+    args = (logits, params, [None] * 3, [[1]] * 3, [[]] * 3)
+    full = Sampler(50, torch.device("cpu"), seed=0)(*args)
+    lean = Sampler(50, torch.device("cpu"), seed=0)(*args, need_logprobs=False)
+    assert torch.equal(full.token_ids, lean.token_ids)
+    assert lean.logprobs is None and full.logprobs is not None
+    wants_top = [SamplingParams(temperature=0.0, top_logprobs=2)] + params[1:]
+    forced = Sampler(50, torch.device("cpu"), seed=0)(logits, wants_top, *args[2:],
+                                                       need_logprobs=False)
+    assert forced.logprobs is not None and forced.top_ids.shape == (3, 2)
