@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of free GPU memory after profiling given to the KV pool")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share KV rows of common prompt prefixes (default on)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs, one per batch-size bucket "
+                        "(default: on with CUDA)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight streams before exiting")
     p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, kv_capacity_tokens=args.kv_capacity_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed))
+            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+            cuda_graphs=args.cuda_graphs))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

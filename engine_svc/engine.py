@@ -41,6 +41,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     seed: int = 0
+    cuda_graphs: bool | None = None           # None: on for CUDA decode
 
 
 @dataclass(slots=True)
@@ -87,7 +88,8 @@ class LLMEngine:
             load_format=config.load_format, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             kv_capacity_tokens=config.kv_capacity_tokens,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed), mc)
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            cuda_graphs=config.cuda_graphs), mc)
         self.pool = KVPool(self.runner.capacity)
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
@@ -38,6 +39,7 @@ class RunnerConfig:
     kv_capacity_tokens: int | None = None      # CPU: required-ish (default below); CUDA: from memory
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    cuda_graphs: bool | None = None   # None: on for CUDA; True on CPU runs the padded path eagerly
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,15 +77,33 @@ class ModelRunner:
                                 config.max_model_len)
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.capacity = self._kv_capacity()
-        shape = (self.capacity, model_config.num_kv_heads, model_config.head_dim)
-        # k, v: per layer [capacity, kv_heads, head_dim]
+        # one extra pool row (index `capacity`) and one extra table row (index max_num_seqs)
+        # are scratch space for the padding rows of CUDA-graph decode batches
+        shape = (self.capacity + 1, model_config.num_kv_heads, model_config.head_dim)
+        # k, v: per layer [capacity + 1, kv_heads, head_dim]
         self.cache = KVCache(
             k=[torch.zeros(shape, dtype=self.dtype, device=self.device)
                for _ in range(model_config.num_layers)],
             v=[torch.zeros(shape, dtype=self.dtype, device=self.device)
                for _ in range(model_config.num_layers)],
-            req_to_token=torch.zeros((config.max_num_seqs, config.max_model_len),
+            req_to_token=torch.zeros((config.max_num_seqs + 1, config.max_model_len),
                                      dtype=torch.int32, device=self.device))
+        self.cache.req_to_token[config.max_num_seqs].fill_(self.capacity)
+        self.graphs = self._decode_graphs()
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        enabled = self.config.cuda_graphs
+        if enabled is None:
+            enabled = self.device.type == "cuda"
+        if not enabled:
+            return None
+        capture = self.device.type == "cuda"
+        graphs = DecodeGraphs(self.model, self.cache, self.config.max_num_seqs,
+                              self.config.max_model_len, scratch_row=self.capacity,
+                              dummy_slot=self.config.max_num_seqs, capture=capture)
+        if capture:
+            graphs.capture_all()
+        return graphs
 
     # ---- capacity ---------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -138,7 +158,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Run the plan's forward pass; sample for chunks with `samples` (in plan order)."""
         batch, sampled = self._build_batch(plan)
-        logits = self.model.forward(batch, self.cache)
+        if self.graphs is not None and not plan.prefill and self.graphs.fits(len(plan.decode)):
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.model.forward(batch, self.cache)
         if not sampled:
             return None
         seqs = [chunk.seq for chunk in sampled]
