@@ -48,7 +48,7 @@ def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
 
 
 def concrete(expr: str, variables: dict[str, str] = GRAFANA_VARIABLES) -> str:
-    """`expr` with $var / ${var} / [[var]] replaced; ValueError for a variable not in `variables`."""
+    """`expr` with $var / ${var} / [[var]] replaced; ValueError for a variable not known."""
     def replace(match: re.Match[str]) -> str:
         name = next(group for group in match.groups() if group)
         if name not in variables:

@@ -1,6 +1,7 @@
 """What a compose service's image holds, read from its Dockerfile: stage chain and copied files."""
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,29 @@ def effective(chain: list[Stage], keyword: str) -> str | None:
     for stage in chain:
         found = stage.last(keyword) or found
     return found
+
+
+def dockerignore_rules(dockerfile: Path) -> list[str]:
+    """Rules of `<dockerfile>.dockerignore` (BuildKit's per-Dockerfile ignore file)."""
+    path = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def dockerignore_allows(rules: list[str], path: str) -> bool:
+    """Whether the context path survives the rules (the last matching rule wins; `!` re-adds)."""
+    included = True
+    for rule in rules:
+        negated = rule.startswith("!")
+        pattern = (rule[1:] if negated else rule).strip("/")
+        if _ignore_pattern_matches(pattern, path.strip("/")):
+            included = negated
+    return included
+
+
+def _ignore_pattern_matches(pattern: str, path: str) -> bool:
+    parts = path.split("/")
+    if pattern.startswith("**/"):
+        return any(fnmatch.fnmatchcase(part, pattern[3:]) for part in parts)
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)

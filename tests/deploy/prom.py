@@ -126,7 +126,7 @@ class PrometheusServer:
 
 def start_prometheus(binary: str, config: dict[str, Any], work_dir: Path,
                      port: int | None = None) -> PrometheusServer:
-    """Write `config` and start `binary` on a free loopback port with its own TSDB under work_dir."""
+    """Write `config`, start `binary` on a loopback port with its own TSDB under work_dir."""
     port = port or free_port()
     config_path = work_dir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))

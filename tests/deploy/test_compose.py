@@ -9,8 +9,9 @@ import pytest
 
 from tests.deploy.compose import (DEPLOY_DIR, REPO_ROOT, flag_value, load_yaml, parse_port,
                                   parse_volume)
-from tests.deploy.dockerfile import exec_form
-from tests.deploy.images import build_stages, copied_paths, effective
+from tests.deploy.dockerfile import exec_form, healthcheck_command
+from tests.deploy.images import (build_stages, copied_paths, dockerignore_allows,
+                                 dockerignore_rules, effective)
 
 MODEL_TARGET = "/models/smollm2-135m-instruct"
 HEALTHCHECK_SCRIPT = "/app/deploy/healthcheck.py"
@@ -72,8 +73,13 @@ def test_builds_reference_existing_dockerfiles_and_copy_sources(compose_config, 
     for stage in chain:
         for keyword, args in stage.instructions:
             assert keyword != "ADD", f"{name}: use COPY, not ADD ({args})"
+    rules = dockerignore_rules(context / build["dockerfile"])
+    assert not dockerignore_allows(rules, "models/smollm2-135m-instruct/model.safetensors")
+    assert not dockerignore_allows(rules, ".venv/bin/python")
     for container_path, host_path in copied_paths(chain, context).items():
         assert host_path.exists(), f"{name}: COPY source {host_path} (-> {container_path}) missing"
+        source = str(host_path.relative_to(context))
+        assert dockerignore_allows(rules, source), f"{name}: {source} is dockerignored"
 
 
 @pytest.mark.parametrize("name", GRPC_SERVICES)
@@ -96,8 +102,7 @@ def test_grpc_healthchecks_use_the_health_script_on_the_served_port(compose_conf
     chain = build_stages(service["build"])
     copied = copied_paths(chain, Path(service["build"]["context"]))
     assert copied.get(HEALTHCHECK_SCRIPT) == DEPLOY_DIR / "healthcheck.py"
-    image_check = exec_form(effective(chain, "HEALTHCHECK").split("CMD", 1)[1].strip())
-    assert image_check[:2] == ["python", HEALTHCHECK_SCRIPT]
+    assert healthcheck_command(effective(chain, "HEALTHCHECK")) == test[1:]  # image == compose
 
 
 @pytest.mark.parametrize("name", ["prometheus", "grafana"])
@@ -137,14 +142,18 @@ def test_named_volumes_are_declared_and_bind_sources_exist(compose_config):
     assert used == declared
 
 
+def conditions(service: dict[str, Any]) -> dict[str, str]:
+    """depends_on as {service: condition} (compose v2 adds keys such as `required`)."""
+    return {name: spec["condition"] for name, spec in service.get("depends_on", {}).items()}
+
+
 def test_dependencies_wait_for_health_and_the_model(compose_config):
     found = services(compose_config)
-    assert found["tokenizer"]["depends_on"] == {"engine": {"condition": "service_healthy"}}
-    assert found["tokenizer-cpu"]["depends_on"] == {"engine-cpu": {"condition": "service_healthy"}}
+    assert conditions(found["tokenizer"]) == {"engine": "service_healthy"}
+    assert conditions(found["tokenizer-cpu"]) == {"engine-cpu": "service_healthy"}
     for name in ENGINES:
-        assert found[name]["depends_on"] == {
-            "model": {"condition": "service_completed_successfully"}}
-    assert found["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+        assert conditions(found[name]) == {"model": "service_completed_successfully"}
+    assert conditions(found["grafana"]) == {"prometheus": "service_healthy"}
 
 
 def test_gpu_engine_reserves_an_nvidia_gpu_and_cpu_engine_does_not(compose_config):
@@ -174,8 +183,9 @@ def test_prometheus_scrapes_every_metrics_port_by_service_name(compose_config):
     mounts = {m.target: m for m in map(parse_volume, prometheus["volumes"])}
     assert Path(mounts[config_path].source) == DEPLOY_DIR / "prometheus.yml"
     assert mounts[config_path].read_only
-    targets = {target: job["job_name"] for job in load_yaml(DEPLOY_DIR / "prometheus.yml")["scrape_configs"]
-               for group in job["static_configs"] for target in group["targets"]}
+    jobs = load_yaml(DEPLOY_DIR / "prometheus.yml")["scrape_configs"]
+    targets = {target for job in jobs for group in job["static_configs"]
+               for target in group["targets"]}
     for gpu_name, cpu_name in (("engine", "engine-cpu"), ("tokenizer", "tokenizer-cpu")):
         port = flag_value(found[gpu_name]["command"], "--metrics-port")
         assert port == flag_value(found[cpu_name]["command"], "--metrics-port")

@@ -11,16 +11,15 @@ from tests.deploy.dashboard import concrete, iter_panels, load_dashboard, panel_
 
 METRIC = re.compile(r"\bllmserve_\w+")
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
+QUANTILE = r"histogram_quantile\(0\.\d+, sum by \(le\) \(rate\("
 # (what the dashboard must show, a regex one of its queries must match)
 REQUIRED = [
     ("KV pool usage", r"llmserve_kv_pool_usage_ratio"),
     ("tokens/s", r"rate\(llmserve_generation_tokens_total\[1m\]\)"),
     ("running requests", r"llmserve_requests_running"),
     ("waiting requests", r"llmserve_requests_waiting"),
-    ("TTFT quantiles",
-     r"histogram_quantile\(0\.\d+, sum by \(le\) \(rate\(llmserve_time_to_first_token_seconds_bucket"),
-    ("inter-token latency quantiles",
-     r"histogram_quantile\(0\.\d+, sum by \(le\) \(rate\(llmserve_inter_token_latency_seconds_bucket"),
+    ("TTFT quantiles", QUANTILE + r"llmserve_time_to_first_token_seconds_bucket"),
+    ("inter-token latency quantiles", QUANTILE + r"llmserve_inter_token_latency_seconds_bucket"),
     ("preemptions", r"rate\(llmserve_preemptions_total"),
     ("prefix cache hit rate",
      r"llmserve_prefix_cache_hit_tokens_total.*/.*llmserve_prefix_cache_queried_tokens_total"),

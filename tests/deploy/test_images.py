@@ -61,7 +61,8 @@ def test_engine_image_builds_on_a_cuda_pytorch_runtime_image_matching_the_torch_
 
 def test_tokenizer_image_is_slim_python_and_generates_stubs_at_build_time():
     global_args, stages = parse_dockerfile(DEPLOY_DIR / "Dockerfile.tokenizer")
-    assert global_args["PYTHON_IMAGE"].startswith("python:") and "slim" in global_args["PYTHON_IMAGE"]
+    python_image = global_args["PYTHON_IMAGE"]
+    assert python_image.startswith("python:") and "slim" in python_image
     runs = [run for stage in stages for run in stage.args("RUN")]
     assert any("gen_proto.py" in run for run in runs)
     assert not any("torch" in run and "pip" in run for run in runs)

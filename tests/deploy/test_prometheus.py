@@ -2,9 +2,11 @@
 while requests go through the public API; then every Grafana dashboard query is evaluated."""
 from __future__ import annotations
 
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -177,7 +179,8 @@ def test_every_dashboard_query_evaluates_and_returns_data(dashboard_results):
 
 def test_dashboard_panels_show_the_load(dashboard_results):
     results = {k: r for k, r in dashboard_results.items() if not isinstance(r, PromQLError)}
-    peak = {key: max(finite_values(result), default=float("nan")) for key, result in results.items()}
+    peak = {key: max(finite_values(result), default=float("nan"))
+            for key, result in results.items()}
     assert peak[("Generation tokens/s", "A")] > 0
     assert peak[("Tokens/s", "A")] > 0
     assert peak[("KV pool usage", "A")] > 0
@@ -188,3 +191,24 @@ def test_dashboard_panels_show_the_load(dashboard_results):
     reasons = {s["metric"]["reason"] for s in results[("Finished requests by reason", "A")]
                if max(finite_values([s])) > 0}
     assert "length" in reasons
+
+
+def test_promtool_accepts_the_deploy_config(prometheus_binary):
+    promtool = Path(prometheus_binary).with_name("promtool")
+    if not promtool.exists():
+        pytest.skip(f"no promtool next to {prometheus_binary}")
+    proc = subprocess.run([str(promtool), "check", "config", str(DEPLOY_DIR / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scrape_config_rewrite_keeps_jobs_and_refuses_unknown_targets():
+    source = load_yaml(DEPLOY_DIR / "prometheus.yml")
+    ports = {"engine": 1001, "tokenizer": 1002, "localhost": 1003}
+    rewritten = loopback_scrape_config(source, ports)
+    assert [job["job_name"] for job in rewritten["scrape_configs"]] == JOBS
+    targets = {t for job in rewritten["scrape_configs"] for g in job["static_configs"]
+               for t in g["targets"]}
+    assert targets == {f"127.0.0.1:{port}" for port in ports.values()}
+    with pytest.raises(ValueError, match="tokenizer:8001"):
+        loopback_scrape_config(source, {"engine": 1001, "localhost": 1003})
