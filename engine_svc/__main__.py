@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight streams before exiting")
     p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest gRPC message accepted or sent; bigger requests fail with "
+                        "RESOURCE_EXHAUSTED (default 4 MiB)")
+    tls = p.add_argument_group("security", "TLS and mutual TLS on the gRPC port")
+    tls.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this "
+                     "certificate (chain); health and reflection are on the same port")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    tls.add_argument("--tls-ca", metavar="PEM",
+                     help="require every client (the tokenizer service: --engine-tls-cert/"
+                          "--engine-tls-key) to present a certificate signed by this CA")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -60,9 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.model) / "config.json").is_file():
         print(f"error: --model {args.model}: no config.json there", file=sys.stderr)
         return 2
+    if args.max_message_bytes < 1024:
+        print(f"error: --max-message-bytes must be >= 1024, got {args.max_message_bytes}",
+              file=sys.stderr)
+        return 2
     from engine_svc.engine import EngineConfig, LLMEngine
-    from engine_svc.server import serve
+    from engine_svc.server import BindError, load_server_credentials, serve
 
+    try:
+        credentials = load_server_credentials(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         engine = LLMEngine(EngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
@@ -80,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         "model %s: dtype=%s device=%s backend=%s max_model_len=%d kv_pool=%d tokens",
         args.model, runner.dtype, runner.device, runner.backend, engine.max_model_len,
         engine.pool.capacity)
-    asyncio.run(serve(engine, host=args.host, port=args.port,
-                      metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      model_name=Path(args.model).name, drain_timeout=args.drain_timeout))
+    try:
+        asyncio.run(serve(engine, host=args.host, port=args.port,
+                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                          model_name=Path(args.model).name, drain_timeout=args.drain_timeout,
+                          server_credentials=credentials,
+                          max_message_bytes=args.max_message_bytes))
+    except (BindError, OSError) as err:  # gRPC or metrics port taken
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,6 +21,8 @@ from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
 
 log = logging.getLogger("engine_svc")
 
+MAX_REQUEST_ID_CHARS = 128
+
 SERVICE_NAME = "llmserve.v1.Engine"
 _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -114,6 +116,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
         request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable "
+                                f"characters, got {len(request_id)}")
         if request_id in self.engine_loop.queues:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request_id!r} is already in flight")
@@ -169,6 +175,32 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             eos_token_ids=sorted(engine.eos_ids))
 
 
+class BindError(RuntimeError):
+    """The gRPC port could not be bound."""
+
+
+def load_server_credentials(cert: str | None, key: str | None,
+                            client_ca: str | None = None) -> grpc.ServerCredentials | None:
+    """TLS from PEM files (None: plaintext). With client_ca, clients must present a certificate
+    signed by it (mutual TLS)."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-ca (require client certificates) needs --tls-cert/--tls-key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    files = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": client_ca}
+    pem = {}
+    for flag, path in files.items():
+        try:
+            pem[flag] = None if path is None else open(path, "rb").read()
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: {err.strerror}") from None
+    return grpc.ssl_server_credentials([(pem["--tls-key"], pem["--tls-cert"])],
+                                       root_certificates=pem["--tls-ca"],
+                                       require_client_auth=client_ca is not None)
+
+
 async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | None,
                 model_name: str, drain_timeout: float = 30.0,
                 server_credentials: grpc.ServerCredentials | None = None,
@@ -183,7 +215,8 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
     engine_loop = EngineLoop(engine, metrics, loop)
     servicer = EngineServicer(engine, engine_loop, model_name)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+                                      ("grpc.max_send_message_length", max_message_bytes),
+                                      ("grpc.so_reuseport", 0)])  # one process per port
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -191,14 +224,19 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
-    bound = (server.add_secure_port(address, server_credentials) if server_credentials
-             else server.add_insecure_port(address))
+    try:
+        bound = (server.add_secure_port(address, server_credentials) if server_credentials
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
     if not bound:
-        raise RuntimeError(f"could not bind {address}")
+        raise BindError(f"could not bind gRPC to {address} (in use, or not an address of "
+                        f"this machine)")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("engine listening on %s (NOT_SERVING until warm)", address)
+    log.info("engine listening on %s (%s; NOT_SERVING until warm)", address,
+             "TLS" if server_credentials else "plaintext")
     engine_loop.start()
     await _warm_up(engine, engine_loop)
     for name in ("", SERVICE_NAME):

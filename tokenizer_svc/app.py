@@ -11,6 +11,7 @@ from tokenizer_svc.config import FrontendConfig
 from tokenizer_svc.engine_client import EngineClient
 from tokenizer_svc.metrics import FrontendMetrics
 from tokenizer_svc.schema import ServiceError
+from tokenizer_svc.security import ApiKeyInterceptor, channel_credentials, server_credentials
 from tokenizer_svc.server import (EngineState, TextGenerationServicer, build_grpc_server,
                                   publish_health)
 from tokenizer_svc.tokenizer import ModelTokenizer
@@ -65,7 +66,11 @@ class FrontendServer:
         self.config = config
         self.tokenizer = tokenizer
         self.metrics = metrics or FrontendMetrics()
-        self.engine = EngineClient(config.engine_address)
+        self.engine = EngineClient(
+            config.engine_address,
+            channel_credentials(config.engine_tls_ca, config.engine_tls_cert,
+                                config.engine_tls_key) if config.engine_uses_tls else None,
+            config.engine_tls_server_name)
         self.engine_state = EngineState(config.engine_address)
         self.port = 0
         self.metrics_port = 0
@@ -76,9 +81,14 @@ class FrontendServer:
         self.health = health.aio.HealthServicer()
         servicer = TextGenerationServicer(self.config, self.tokenizer, self.engine,
                                           self.engine_state, self.metrics)
-        self._server = build_grpc_server(servicer, self.health)
+        interceptors = [ApiKeyInterceptor(self.config.api_key)] if self.config.api_key else []
+        self._server = build_grpc_server(servicer, self.health, self.config.max_message_bytes,
+                                         interceptors)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._server.add_insecure_port(address)
+        credentials = server_credentials(self.config.tls_cert, self.config.tls_key,
+                                         self.config.tls_ca)
+        self.port = (self._server.add_secure_port(address, credentials) if credentials
+                     else self._server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC to {address}")
         await publish_health(self.health, False)
@@ -106,9 +116,14 @@ async def serve(config: FrontendConfig) -> int:
     tokenizer = ModelTokenizer.from_pretrained(config.model_dir)
     server = FrontendServer(config, tokenizer)
     await server.start()
-    log.info("tokenizer_svc serving llmserve.v1.TextGeneration on %s:%d (metrics :%s), "
-             "engine at %s", config.host, server.port,
-             server.metrics_port if config.metrics_port >= 0 else "off", config.engine_address)
+    log.info("tokenizer_svc serving llmserve.v1.TextGeneration on %s:%d (%s%s; metrics :%s), "
+             "engine at %s (%s)", config.host, server.port,
+             "TLS" if config.tls_cert else "plaintext",
+             ", client certificates required" if config.tls_ca else "",
+             server.metrics_port if config.metrics_port >= 0 else "off", config.engine_address,
+             "TLS" if config.engine_uses_tls else "plaintext")
+    if config.api_key:
+        log.info("API key required on llmserve.v1.TextGeneration (health/reflection open)")
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,7 @@ python -m tokenizer_svc.client [--server HOST:PORT] [--chat] [--system TEXT] [--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 
@@ -38,7 +39,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past eos tokens")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                         help="deadline of the whole call (default: %(default)s)")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="connect over TLS, trusting this CA for the server's certificate")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="client certificate, for a server started with --tls-ca")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--api-key-env", default="LLMSERVE_API_KEY", metavar="VAR",
+                        help="environment variable holding the API key sent as "
+                             "'authorization: Bearer KEY' when set (default: %(default)s)")
     return parser
+
+
+def open_channel(server: str, args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext channel, or TLS when --tls-ca/--tls-cert is given."""
+    if args.tls_ca is None and args.tls_cert is None:
+        return grpc.insecure_channel(server)
+
+    def read(path: str | None) -> bytes | None:
+        return None if path is None else open(path, "rb").read()
+
+    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key),
+                                               read(args.tls_cert))
+    return grpc.secure_channel(server, credentials)
 
 
 def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
@@ -63,12 +85,14 @@ def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
 
 
 def stream_completion(server: str, request: generate_pb2.GenerateRequest,
-                      timeout_s: float) -> generate_pb2.GenerateResponse | None:
+                      timeout_s: float, channel: grpc.Channel | None = None,
+                      api_key: str | None = None) -> generate_pb2.GenerateResponse | None:
     """Print text deltas as they arrive; return the last message."""
     last = None
-    with grpc.insecure_channel(server) as channel:
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+    with channel or grpc.insecure_channel(server) as channel:
         stub = generate_pb2_grpc.TextGenerationStub(channel)
-        for message in stub.Generate(request, timeout=timeout_s):
+        for message in stub.Generate(request, timeout=timeout_s, metadata=metadata):
             if message.text:
                 sys.stdout.write(message.text)
                 sys.stdout.flush()
@@ -80,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
         request = build_request(args)
-        last = stream_completion(args.server, request, args.timeout)
+        last = stream_completion(args.server, request, args.timeout,
+                                 open_channel(args.server, args),
+                                 os.environ.get(args.api_key_env) or None)
     except grpc.RpcError as error:
         sys.stdout.write("\n")
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError) as error:  # e.g. a negative --top-k for a uint32 field
+    except (ValueError, TypeError, OSError) as error:  # e.g. a negative --top-k (uint32)
         print(f"error: {error}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+API_KEY_ENV = "LLMSERVE_API_KEY"  # the API key without putting it on the command line
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -21,6 +25,15 @@ class FrontendConfig:
     engine_poll_interval_s: float = 0.5
     engine_info_max_backoff_s: float = 2.0
     abort_drain_timeout_s: float = 0.5
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # set: clients must present a certificate signed by it
+    engine_tls_ca: Path | None = None
+    engine_tls_cert: Path | None = None
+    engine_tls_key: Path | None = None
+    engine_tls_server_name: str | None = None
+    api_key: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -39,6 +52,32 @@ class FrontendConfig:
                             ("--engine-poll-interval", self.engine_poll_interval_s)):
             if value <= 0:
                 raise ValueError(f"{flag} must be > 0 seconds, got {value}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"--max-message-bytes must be >= 1024, got {self.max_message_bytes}")
+        self._validate_tls()
+        if self.api_key is not None and not self.api_key:
+            raise ValueError(f"--api-key / {API_KEY_ENV} must not be empty")
+
+    def _validate_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca (require client certificates) needs --tls-cert/--tls-key")
+        if (self.engine_tls_cert is None) != (self.engine_tls_key is None):
+            raise ValueError("--engine-tls-cert and --engine-tls-key must be given together")
+        tls_files = {"--tls-cert": self.tls_cert, "--tls-key": self.tls_key,
+                     "--tls-ca": self.tls_ca, "--engine-tls-ca": self.engine_tls_ca,
+                     "--engine-tls-cert": self.engine_tls_cert,
+                     "--engine-tls-key": self.engine_tls_key}
+        for flag, path in tls_files.items():
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+    @property
+    def engine_uses_tls(self) -> bool:
+        """True when the engine channel is TLS (any --engine-tls-* flag given)."""
+        return any(v is not None for v in (self.engine_tls_ca, self.engine_tls_cert,
+                                           self.engine_tls_key))
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -75,7 +114,38 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="how often the engine's grpc.health.v1 status is polled; this "
                              "service reports NOT_SERVING while the engine is not serving "
                              "(default: %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        metavar="N", help="largest gRPC message accepted or sent; bigger requests "
+                        "fail with RESOURCE_EXHAUSTED (default: %(default)s)")
+    _add_security_args(parser)
     return parser
+
+
+def _add_security_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "security", "TLS for the public port, (mutual) TLS to the engine, and an API key")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM",
+                       help="serve the public API over TLS with this certificate (chain)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM",
+                       help="private key of --tls-cert")
+    group.add_argument("--tls-ca", type=Path, metavar="PEM",
+                       help="require clients to present a certificate signed by this CA "
+                            "(mutual TLS on the public port)")
+    group.add_argument("--engine-tls-ca", type=Path, metavar="PEM",
+                       help="connect to the engine over TLS, trusting this CA for its "
+                            "certificate")
+    group.add_argument("--engine-tls-cert", type=Path, metavar="PEM",
+                       help="client certificate presented to the engine (for an engine "
+                            "started with --tls-ca: mutual TLS)")
+    group.add_argument("--engine-tls-key", type=Path, metavar="PEM",
+                       help="private key of --engine-tls-cert")
+    group.add_argument("--engine-tls-server-name", metavar="NAME",
+                       help="name to verify in the engine's certificate when it differs from "
+                            "the host of --engine")
+    group.add_argument("--api-key", metavar="KEY",
+                       help=f"require metadata 'authorization: Bearer KEY' on every call except "
+                            f"health and reflection (UNAUTHENTICATED otherwise). Prefer the "
+                            f"{API_KEY_ENV} environment variable: a flag shows in `ps`")
 
 
 def config_from_args(argv: list[str] | None = None) -> FrontendConfig:
@@ -85,6 +155,11 @@ def config_from_args(argv: list[str] | None = None) -> FrontendConfig:
         model_dir=args.model, engine_address=args.engine, host=args.host, port=args.port,
         metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
         default_max_new_tokens=args.default_max_new_tokens, grace_period_s=args.grace_period,
-        engine_poll_interval_s=args.engine_poll_interval)
+        engine_poll_interval_s=args.engine_poll_interval,
+        max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca, engine_tls_ca=args.engine_tls_ca,
+        engine_tls_cert=args.engine_tls_cert, engine_tls_key=args.engine_tls_key,
+        engine_tls_server_name=args.engine_tls_server_name,
+        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
     config.validate()
     return config

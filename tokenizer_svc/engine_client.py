@@ -69,9 +69,18 @@ def chunk_from_proto(message: engine_pb2.EngineGenerateResponse) -> EngineChunk:
 class EngineClient:
     """Async client of one engine: info, health, streaming generate, abort."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None) -> None:
+        """credentials: TLS to the engine (None: plaintext); server_name overrides the name
+        checked in the engine's certificate."""
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options = list(CHANNEL_OPTIONS)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = engine_pb2_grpc.EngineStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,13 +16,14 @@ from grpc_reflection.v1alpha import reflection
 
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
 from tokenizer_svc.config import FrontendConfig
+from tokenizer_svc.decode_guard import DecodeGuardInterceptor
 from tokenizer_svc.generation import GenerationStream, TokenSource
 from tokenizer_svc.metrics import FrontendMetrics
 from tokenizer_svc.schema import (ChatTurn, EngineLimits, EngineRequest, FinishReason,
                                   OutputDelta, SamplingSettings, ServiceError, TextRequest)
 from tokenizer_svc.tokenizer import ModelTokenizer
 from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
-                                      validate_token_ids)
+                                      validate_request_id, validate_token_ids)
 
 THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
@@ -139,6 +140,10 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
             await context.abort(code, detail)
 
     def _admission_error(self, request_id: str) -> tuple[grpc.StatusCode | None, str]:
+        try:
+            validate_request_id(request_id)
+        except ValueError as error:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(error)
         if request_id in self._inflight:
             return grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight"
         if len(self._inflight) >= self._config.max_concurrent:
@@ -199,7 +204,11 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
         add_special = (request.add_special_tokens if request.HasField("add_special_tokens")
                        else None)
         started = time.perf_counter()
-        token_ids = self._tokenizer.encode(request.text, add_special_tokens=add_special)
+        if len(request.text) > THREAD_TOKENIZE_CHARS:  # keep the event loop responsive
+            token_ids = await asyncio.to_thread(self._tokenizer.encode, request.text,
+                                                add_special_tokens=add_special)
+        else:
+            token_ids = self._tokenizer.encode(request.text, add_special_tokens=add_special)
         self._metrics.tokenize_seconds.observe(time.perf_counter() - started)
         return generate_pb2.TokenizeResponse(token_ids=token_ids)
 
@@ -210,7 +219,13 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
             validate_token_ids("token_ids", token_ids, self._tokenizer.vocab_size)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        text = self._tokenizer.decode(token_ids, skip_special_tokens=request.skip_special_tokens)
+        # Ids whose bytes are not valid UTF-8 (e.g. a lone byte token) decode to U+FFFD.
+        if len(token_ids) > THREAD_TOKENIZE_CHARS:
+            text = await asyncio.to_thread(self._tokenizer.decode, token_ids,
+                                           skip_special_tokens=request.skip_special_tokens)
+        else:
+            text = self._tokenizer.decode(token_ids,
+                                          skip_special_tokens=request.skip_special_tokens)
         return generate_pb2.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest,
@@ -227,10 +242,21 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
 
 
 def build_grpc_server(servicer: TextGenerationServicer,
-                      health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
-    """A grpc.aio server with TextGeneration, grpc.health.v1 and reflection (not started)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+                      health_servicer: health.aio.HealthServicer,
+                      max_message_bytes: int = 4 * 1024 * 1024,
+                      interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                      ) -> grpc.aio.Server:
+    """A grpc.aio server with TextGeneration, grpc.health.v1 and reflection (not started).
+
+    Larger messages than max_message_bytes fail with RESOURCE_EXHAUSTED, unparsable ones with
+    INVALID_ARGUMENT (`interceptors` run first, e.g. the API key check); SO_REUSEPORT is off,
+    so a second process cannot bind the same port and silently take half of the connections.
+    """
+    server = grpc.aio.server(
+        interceptors=[*interceptors, DecodeGuardInterceptor()],
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.so_reuseport", 0)])
     generate_pb2_grpc.add_TextGenerationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -18,6 +18,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_REQUEST_ID_CHARS = 128
+# top_k is a uint32 on the wire: any value >= the vocabulary size keeps every token (same as 0).
 
 
 def _require_finite(name: str, value: float) -> None:
@@ -85,6 +87,16 @@ def validate_stopping(request: TextRequest) -> None:
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
                          f"got {request.top_logprobs}")
+
+
+def validate_request_id(request_id: str) -> None:
+    """Client-chosen ids are echoed in every response and logged: short and printable only."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                         f"got {len(request_id)}")
+    if not request_id.isprintable():
+        raise ValueError("request_id must hold printable characters only (no control "
+                         "characters or line breaks)")
 
 
 def validate_request(request: TextRequest) -> None:
