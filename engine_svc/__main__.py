@@ -100,15 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         args.model, runner.dtype, runner.device, runner.backend, engine.max_model_len,
         engine.pool.capacity)
     try:
-        asyncio.run(serve(engine, host=args.host, port=args.port,
-                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                          model_name=Path(args.model).name, drain_timeout=args.drain_timeout,
-                          server_credentials=credentials,
-                          max_message_bytes=args.max_message_bytes))
+        return asyncio.run(serve(
+            engine, host=args.host, port=args.port,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            model_name=Path(args.model).name, drain_timeout=args.drain_timeout,
+            server_credentials=credentials, max_message_bytes=args.max_message_bytes))
     except (BindError, OSError) as err:  # gRPC or metrics port taken
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,10 +38,13 @@ class EngineLoop:
     """Runs `engine.step()` on a background thread and routes outputs to asyncio queues."""
 
     def __init__(self, engine: LLMEngine, metrics: EngineMetrics,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 on_crash: Callable[[], None] | None = None) -> None:
+        """on_crash runs on the asyncio loop after a crash has failed every open stream."""
         self.engine = engine
         self.metrics = metrics
         self.loop = loop
+        self.on_crash = on_crash
         self.queues: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -75,6 +79,8 @@ class EngineLoop:
     def _fail_all(self) -> None:
         for queue in self.queues.values():
             queue.put_nowait(None)
+        if self.on_crash is not None:
+            self.on_crash()
 
 
 def _sampling_from_proto(msg: generate_pb2.SamplingParams, top_logprobs: int) -> SamplingParams:
@@ -128,6 +134,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         finished = False
         self.inflight += 1
         try:
+            if self.engine_loop.error is not None:  # checked after the queue is registered
+                finished = True
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"engine loop crashed ({self.engine_loop.error!r}); the "
+                                    f"engine is shutting down")
             try:
                 sampling = _sampling_from_proto(request.sampling, request.top_logprobs)
                 stopping = StoppingParams(max_new_tokens=request.max_new_tokens,
@@ -204,59 +215,81 @@ def load_server_credentials(cert: str | None, key: str | None,
 async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | None,
                 model_name: str, drain_timeout: float = 30.0,
                 server_credentials: grpc.ServerCredentials | None = None,
-                max_message_bytes: int = 4 * 1024 * 1024) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight streams and return."""
+                max_message_bytes: int = 4 * 1024 * 1024) -> int:
+    """Serve until SIGTERM/SIGINT, drain in-flight streams and return 0; or, if the engine loop
+    crashes, go NOT_SERVING, fail the open streams and return 1 (so a supervisor restarts us)."""
     import signal
 
     loop = asyncio.get_running_loop()
     metrics = EngineMetrics(engine)
     if metrics_port is not None:
         metrics.serve(metrics_port, host)
-    engine_loop = EngineLoop(engine, metrics, loop)
+    stop = asyncio.Event()
+    engine_loop = EngineLoop(engine, metrics, loop, on_crash=stop.set)
     servicer = EngineServicer(engine, engine_loop, model_name)
+    server, health_servicer = _build_server(servicer, max_message_bytes)
+    address = f"{host}:{port}"
+    _bind(server, address, server_credentials)
+    await _publish_health(health_servicer, False)
+    await server.start()
+    log.info("engine listening on %s (%s; NOT_SERVING until warm)", address,
+             "TLS" if server_credentials else "plaintext")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine_loop.start()
+    await _warm_up(engine, engine_loop)
+    if engine_loop.error is None and not stop.is_set():
+        await _publish_health(health_servicer, True)
+        log.info("engine SERVING on %s", address)
+    await stop.wait()
+    servicer.draining = True
+    await _publish_health(health_servicer, False)
+    if engine_loop.error is None:
+        log.info("draining: %d in-flight streams", servicer.inflight)
+        deadline = loop.time() + drain_timeout
+        while servicer.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    await server.stop(grace=1.0)
+    engine_loop.stop()
+    if engine_loop.error is not None:
+        log.error("engine stopped after the engine loop crashed: exit status 1")
+        return 1
+    log.info("engine stopped")
+    return 0
+
+
+def _build_server(servicer: EngineServicer, max_message_bytes: int
+                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with Engine, health and reflection; SO_REUSEPORT off (one process/port)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes),
-                                      ("grpc.so_reuseport", 0)])  # one process per port
+                                      ("grpc.so_reuseport", 0)])
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
+    return server, health_servicer
+
+
+def _bind(server: grpc.aio.Server, address: str,
+          credentials: grpc.ServerCredentials | None) -> None:
     try:
-        bound = (server.add_secure_port(address, server_credentials) if server_credentials
+        bound = (server.add_secure_port(address, credentials) if credentials
                  else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if not bound:
         raise BindError(f"could not bind gRPC to {address} (in use, or not an address of "
                         f"this machine)")
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    log.info("engine listening on %s (%s; NOT_SERVING until warm)", address,
-             "TLS" if server_credentials else "plaintext")
-    engine_loop.start()
-    await _warm_up(engine, engine_loop)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("engine SERVING on %s", address)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining: %d in-flight streams", servicer.inflight)
-    servicer.draining = True
+
+async def _publish_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    deadline = loop.time() + drain_timeout
-    while servicer.inflight and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    await server.stop(grace=1.0)
-    engine_loop.stop()
-    log.info("engine stopped")
+        await health_servicer.set(name, status)
 
 
 async def _warm_up(engine: LLMEngine, engine_loop: EngineLoop) -> None:

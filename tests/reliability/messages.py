@@ -78,11 +78,12 @@ def collect(responses) -> Outcome:
     return outcome
 
 
-async def collect_async(call) -> Outcome:
-    """Drain a grpc.aio response stream; errors become the outcome's code and details."""
-    outcome = Outcome()
+async def collect_async(call, outcome: Outcome | None = None) -> Outcome:
+    """Drain a grpc.aio response stream with `read()` (so it may follow earlier reads);
+    errors become the outcome's code and details."""
+    outcome = outcome or Outcome()
     try:
-        async for message in call:
+        while (message := await call.read()) is not grpc.aio.EOF:
             outcome.messages += 1
             outcome.text += getattr(message, "text", "")
             outcome.token_ids.extend(message.token_ids)
