@@ -25,7 +25,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Small limits keep every test fast on a 2-core CPU (prompt + output <= 512 tokens).
 ENGINE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--kv-capacity-tokens", "2048",
-               "--max-num-seqs", "16", "--max-queue", "64", "--max-num-batched-tokens", "512")
+               "--max-num-seqs", "16", "--max-queue", "256", "--max-num-batched-tokens", "512")
 MAX_MODEL_LEN = 512
 CRASH_PATTERN = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception in callback|"
                            r"Segmentation fault|core dumped")
