@@ -178,6 +178,14 @@ def wait_pool_idle(engine: Proc, timeout: float = 10.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll `predicate()` until it is true or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not (ok := bool(predicate())) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return ok
+
+
 def finished_count(engine: Proc, reason: str) -> float:
     text = scrape(engine.metrics_port)
     return metric_value(text, f'llmserve_requests_finished_total{{reason="{reason}"}}')
