@@ -107,11 +107,6 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, rows: Tenso
     v_cache[rows] = v.to(v_cache.dtype)
 
 
-def _expand_kv(kv: Tensor, group: int) -> Tensor:
-    """[len, kv_heads, d] -> [q_heads, len, d], repeating each kv head `group` times."""
-    return kv.transpose(0, 1).repeat_interleave(group, dim=0)
-
-
 def prefill_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -138,13 +133,16 @@ def prefill_attention(
             continue
         ctx = prefix_list[b] + n_new
         rows = req_to_token[slot, :ctx].long()  # [ctx]
-        keys = _expand_kv(k_cache[rows].float(), group)  # [q_heads, ctx, d]
-        values = _expand_kv(v_cache[rows].float(), group)  # [q_heads, ctx, d]
+        keys = k_cache[rows].float().transpose(0, 1)  # [kv_heads, ctx, d]
+        values = v_cache[rows].float().transpose(0, 1)  # [kv_heads, ctx, d]
         query = q[start:end].float().transpose(0, 1)  # [q_heads, n_new, d]
-        q_pos = torch.arange(n_new, device=q.device)[:, None] + prefix_list[b]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = k_pos <= q_pos  # [n_new, ctx]
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+        if prefix_list[b] == 0:  # plain causal: lets SDPA use its fused kernel
+            mask, causal = None, True
+        else:  # new token i sits at prefix + i: causal aligned to the bottom right
+            q_pos = torch.arange(n_new, device=q.device)[:, None] + prefix_list[b]
+            mask, causal = torch.arange(ctx, device=q.device)[None, :] <= q_pos, False
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=group > 1)
         out[start:end] = attn.transpose(0, 1).to(q.dtype)
     return out
 
@@ -174,12 +172,12 @@ def decode_attention(
     valid = cols[None, :] < seq_lens.long()[:, None]  # [batch, width]
     rows = req_to_token[slots.long(), :width].long()  # [batch, width]
     rows = torch.where(valid, rows, torch.zeros_like(rows))
-    keys = k_cache[rows].float()  # [batch, width, kv_heads, d]
-    values = v_cache[rows].float()  # [batch, width, kv_heads, d]
-    query = q.float().view(batch, kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", query, keys) * scale  # [batch, kv_heads, group, width]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with seq_len 0 give zeros, not NaN
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values)  # [batch, kv_heads, group, d]
+    # the group's query heads act as the "query positions" of one kv head: one SDPA call,
+    # no repeat of K/V per query head (fp32 inside, as the Triton kernel accumulates)
+    keys = k_cache[rows].float().transpose(1, 2)  # [batch, kv_heads, width, d]
+    values = v_cache[rows].float().transpose(1, 2)  # [batch, kv_heads, width, d]
+    query = q.float().reshape(batch, kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :],
+                                         scale=scale)  # [batch, kv_heads, group, d]
+    out = torch.nan_to_num(out, nan=0.0)  # rows with seq_len 0 give zeros, not NaN
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
