@@ -26,6 +26,9 @@ from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
                                       validate_request_id, validate_token_ids)
 
 THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
+# The client's deadline fires first (ours starts when its request arrives, a transit later), and
+# its cancel reaches us slightly before our own deadline: count such a cancel as a deadline.
+DEADLINE_SLACK_S = 0.1
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -128,7 +131,8 @@ class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
             code, detail = error.code, error.message
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                    if remaining is not None and remaining <= DEADLINE_SLACK_S
                     else grpc.StatusCode.CANCELLED)
             raise
         finally:
