@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics HTTP port (default 8002; -1 disables)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+                   help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, "
+                        "bfloat16, float16; float32 gives token-exact transformers parity")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="kernels: triton on CUDA, torch on CPU (auto)")
