@@ -27,11 +27,11 @@ def log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(default_model_dir: Path, log_dir: Path):
-    """Engine (512-token context, 2048-token pool, 64 KiB messages) + tokenizer service."""
+    """Engine (512-token context, 2048-token pool, 64 KiB messages, 4 new tokens by default) + tokenizer service."""
     limit = str(SHARED_MAX_MESSAGE_BYTES)
     engine, tokenizer = start_stack(
         default_model_dir, log_dir, engine_extra=("--max-message-bytes", limit),
-        tokenizer_extra=("--max-message-bytes", limit, "--default-max-new-tokens", "16"))
+        tokenizer_extra=("--max-message-bytes", limit, "--default-max-new-tokens", "4"))
     try:
         yield Stack(engine, tokenizer, default_model_dir)
     finally:
