@@ -222,6 +222,8 @@ def test_duplicate_request_id_in_flight_is_already_exists(stack, service: str) -
 
 def test_top_k_beyond_vocab_means_off(stack) -> None:
     """uint32 top_k cannot be negative; any value >= vocab keeps every token, like 0."""
+    with pytest.raises(ValueError):  # not even expressible: the client cannot serialize it
+        generate_pb2.SamplingParams(top_k=-1)
     outputs = []
     with stack.tokenizer.channel() as channel:
         for top_k in (0, VOCAB, 2**32 - 1):

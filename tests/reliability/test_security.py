@@ -183,6 +183,25 @@ def test_a_second_engine_cannot_take_the_same_port(secure, default_model_dir, lo
     assert engine.health() == SERVING
 
 
+def test_cli_client_speaks_tls_and_sends_the_key_from_the_environment(secure, pki) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.services import REPO_ROOT
+
+    _, tokenizer = secure
+    command = [sys.executable, "-m", "tokenizer_svc.client", "--server", tokenizer.address,
+               "--tls-ca", str(pki.ca), "--max-new-tokens", "2", "--temperature", "0", "Hi"]
+    env = {k: v for k, v in os.environ.items() if k != "LLMSERVE_API_KEY"}
+    results = [subprocess.run(command, cwd=REPO_ROOT, env=env | extra, capture_output=True,
+                              text=True, timeout=60)
+               for extra in ({"LLMSERVE_API_KEY": API_KEY}, {})]
+    assert results[0].returncode == 0, results[0].stderr
+    assert "finish_reason=LENGTH" in results[0].stderr
+    assert results[1].returncode == 1 and "UNAUTHENTICATED" in results[1].stderr
+
+
 def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch, default_model_dir) -> None:
     from tokenizer_svc.config import config_from_args
 
