@@ -2,8 +2,8 @@
 
 - Server TLS: `--tls-cert/--tls-key`; with `--tls-ca` clients must present a certificate
   signed by that CA (mutual TLS).
-- Engine client TLS: `--engine-tls-ca` (verify the engine), plus `--engine-tls-cert/--engine-tls-key`
-  (our client certificate, for an engine started with `--tls-ca`).
+- Engine client TLS: `--engine-tls-ca` (verify the engine), plus `--engine-tls-cert` and
+  `--engine-tls-key` (our client certificate, for an engine started with `--tls-ca`).
 - API key: `authorization: Bearer <key>` metadata on every public call; health and reflection
   stay open so probes and tooling work without the key.
 """

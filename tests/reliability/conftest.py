@@ -27,7 +27,8 @@ def log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(default_model_dir: Path, log_dir: Path):
-    """Engine (512-token context, 2048-token pool, 64 KiB messages, 4 new tokens by default) + tokenizer service."""
+    """Engine + tokenizer service: 512-token context, 2048-token pool, 64 KiB messages, and
+    4 new tokens when a request leaves max_new_tokens unset."""
     limit = str(SHARED_MAX_MESSAGE_BYTES)
     engine, tokenizer = start_stack(
         default_model_dir, log_dir, engine_extra=("--max-message-bytes", limit),
