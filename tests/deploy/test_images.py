@@ -10,7 +10,8 @@ from tests.deploy.compose import DEPLOY_DIR, REPO_ROOT
 from tests.deploy.dockerfile import parse_dockerfile
 
 TORCH_FROM_BASE_IMAGE = {"torch", "triton"}
-DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf"}
+# test and benchmark tools: not needed inside the images
+DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf", "pyyaml", "matplotlib"}
 HEAVY = {"torch", "triton", "transformers", "numpy"}
 
 
