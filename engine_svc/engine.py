@@ -100,7 +100,6 @@ class LLMEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}     # request_id -> sequence, until finished
-        self._pending = 0                       # adds in the inbox, for admission control
         self.last_step = StepStats()
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -115,16 +114,21 @@ class LLMEngine:
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request_id {request_id!r} is already in flight")
-            if len(self.scheduler.waiting) + self._pending >= self.config.max_queue:
+            # queued = accepted, not running (in the inbox, waiting, or preempted); an aborted
+            # request leaves _live at once, so it frees its place before the next step
+            queued = sum(1 for live in self._live.values() if live.status is SeqStatus.WAITING)
+            if queued >= self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); "
                                      "retry later")
             self._live[request_id] = seq
-            self._pending += 1
         self._inbox.put(("add", seq))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already ended); its rows are freed at the next step."""
-        self._inbox.put(("abort", request_id))
+        with self._lock:
+            seq = self._live.pop(request_id, None)
+        if seq is not None:
+            self._inbox.put(("abort", seq))
 
     def is_live(self, request_id: str) -> bool:
         """True while the request is queued or running."""
@@ -208,22 +212,17 @@ class LLMEngine:
                 return outputs
             with self._lock:
                 if kind == "add":
-                    self._pending -= 1
-                    if item.status is SeqStatus.FINISHED:
-                        continue  # aborted before it reached the scheduler
-                    self.scheduler.add(item)
+                    if item.status is SeqStatus.WAITING and item.finish_reason is None:
+                        # accepted by add_request: admission was checked there, and a preempted
+                        # request going back to the queue must not push this one out
+                        self.scheduler.waiting.append(item)
                 elif kind == "clear_cache":
                     if self.prefix_cache is not None:
                         self.prefix_cache.clear()
                 elif kind == "abort":
-                    seq = self._live.get(item)
-                    if seq is not None:
-                        if seq.status is SeqStatus.WAITING and seq not in self.scheduler.waiting:
-                            seq.status = SeqStatus.FINISHED  # still in the inbox
-                            seq.finish_reason = FinishReason.ABORTED
-                        else:
-                            self.scheduler.finish(seq, FinishReason.ABORTED)
-                        outputs.append(self._final(seq, []))
+                    if item.status is not SeqStatus.FINISHED:  # ended already: nothing to do
+                        self.scheduler.finish(item, FinishReason.ABORTED)
+                        outputs.append(self._final(item, []))
 
     def _process(self, plan: StepPlan, sampled) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -237,8 +236,8 @@ class LLMEngine:
         now = time.monotonic()
         for i, chunk in enumerate(sampled_chunks):
             seq = chunk.seq
-            if seq.status is not SeqStatus.RUNNING:
-                continue
+            if seq.status is not SeqStatus.RUNNING or self._live.get(seq.request_id) is not seq:
+                continue  # aborted: its rows go back when the abort is drained
             token = token_ids[i]
             seq.output_ids.append(token)
             if seq.first_token_time is None:
@@ -266,7 +265,8 @@ class LLMEngine:
 
     def _final(self, seq: Sequence, token_ids: list[int],
                out: RequestOutput | None = None) -> RequestOutput:
-        self._live.pop(seq.request_id, None)
+        if self._live.get(seq.request_id) is seq:  # the id may already name a newer request
+            del self._live[seq.request_id]
         out = out or RequestOutput(seq.request_id, token_ids)
         out.finish_reason = seq.finish_reason
         out.prompt_tokens = len(seq.prompt_ids)

@@ -153,3 +153,49 @@ def test_seeded_sampling_is_batch_invariant(tiny_dir):
     while engine.has_work():
         got.extend(t for o in engine.step() if o.request_id == "x" for t in o.token_ids)
     assert got == alone
+
+
+def test_preemption_does_not_push_out_an_accepted_request(tiny_dir):
+    """A request accepted at the queue limit stays accepted when a preempted one re-queues."""
+    engine = make_engine(tiny_dir, enable_prefix_caching=False, kv_capacity_tokens=128,
+                         max_model_len=128, max_num_seqs=2, max_queue=1,
+                         max_num_batched_tokens=256)
+    long = StoppingParams(max_new_tokens=60, ignore_eos=True)
+    engine.add_request("A", list(range(100, 160)), GREEDY, long)
+    engine.step()
+    engine.add_request("B", list(range(200, 260)), GREEDY, long)
+    engine.step()
+    finished = {}
+    added_c = False
+    for _ in range(400):
+        if not added_c and engine.pool.num_free < len(engine.scheduler.running):
+            engine.add_request("C", list(range(30, 40)), GREEDY, StoppingParams(max_new_tokens=4))
+            added_c = True
+        for out in engine.step():   # must not raise QueueFullError
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+        if not engine.has_work():
+            break
+    assert added_c and engine.scheduler.num_preemptions > 0
+    assert set(finished) == {"A", "B", "C"}
+    assert engine.pool.is_idle()
+
+
+def test_abort_frees_the_queue_place_at_once(tiny_dir):
+    engine = make_engine(tiny_dir, max_queue=2)
+    stopping = StoppingParams(max_new_tokens=4)
+    engine.add_request("x", [5, 6], GREEDY, stopping)
+    engine.add_request("y", [5, 7], GREEDY, stopping)
+    engine.abort("x")
+    assert not engine.is_live("x")
+    engine.add_request("z", [5, 8], GREEDY, stopping)   # x's place is free before any step
+    engine.abort("y")
+    engine.add_request("x", [5, 9], GREEDY, stopping)   # and its id may be reused
+    outputs = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert [o.finish_reason for o in outputs["x"] if o.finished] == [FinishReason.ABORTED,
+                                                                     FinishReason.LENGTH]
+    assert sum(len(o.token_ids) for o in outputs["x"]) == 4   # only the new x's tokens
+    assert engine.pool.num_used == engine.prefix_cache.num_cached_tokens
