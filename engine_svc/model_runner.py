@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
 from engine_svc.sampler import Sampler, SamplerOutput
@@ -84,6 +85,8 @@ class ModelRunner:
                  if config.dtype == "auto" and self.dtype == torch.bfloat16
                  and self.device.type == "cpu" else "")
         self.backend = resolve_backend(config.backend, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_on_heap()
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)

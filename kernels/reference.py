@@ -103,8 +103,8 @@ def silu_and_mul(x: Tensor) -> Tensor:
 
 def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, rows: Tensor) -> None:
     """Scatter k, v [tokens, kv_heads, head_dim] into pool rows `rows` [tokens]."""
-    k_cache[rows] = k.to(k_cache.dtype)
-    v_cache[rows] = v.to(v_cache.dtype)
+    k_cache.index_copy_(0, rows, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, rows, v.to(v_cache.dtype))
 
 
 def prefill_attention(
@@ -133,8 +133,8 @@ def prefill_attention(
             continue
         ctx = prefix_list[b] + n_new
         rows = req_to_token[slot, :ctx].long()  # [ctx]
-        keys = k_cache[rows].float().transpose(0, 1)  # [kv_heads, ctx, d]
-        values = v_cache[rows].float().transpose(0, 1)  # [kv_heads, ctx, d]
+        keys = k_cache.index_select(0, rows).float().transpose(0, 1)  # [kv_heads, ctx, d]
+        values = v_cache.index_select(0, rows).float().transpose(0, 1)  # [kv_heads, ctx, d]
         query = q[start:end].float().transpose(0, 1)  # [q_heads, n_new, d]
         if prefix_list[b] == 0:  # plain causal: lets SDPA use its fused kernel
             mask, causal = None, True
@@ -174,8 +174,10 @@ def decode_attention(
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     # the group's query heads act as the "query positions" of one kv head: one SDPA call,
     # no repeat of K/V per query head (fp32 inside, as the Triton kernel accumulates)
-    keys = k_cache[rows].float().transpose(1, 2)  # [batch, kv_heads, width, d]
-    values = v_cache[rows].float().transpose(1, 2)  # [batch, kv_heads, width, d]
+    flat = rows.view(-1)  # index_select: far cheaper than advanced indexing on CPU
+    keys = k_cache.index_select(0, flat).float().view(batch, width, kv_heads, head_dim)
+    values = v_cache.index_select(0, flat).float().view(batch, width, kv_heads, head_dim)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [batch, kv_heads, width, d]
     query = q.float().reshape(batch, kv_heads, group, head_dim)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :],
                                          scale=scale)  # [batch, kv_heads, group, d]
