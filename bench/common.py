@@ -77,6 +77,76 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+# ---- other load on the machine ------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy_s() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds used so far by `root_pid` and every live descendant."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class OtherLoad:
+    """Context manager: CPU cores that processes outside this process tree kept busy meanwhile.
+
+    On a shared machine a result taken while others_cores is well above 0 is not trustworthy.
+    """
+
+    def __init__(self) -> None:
+        self.others_cores = 0.0
+        self.ours_cores = 0.0
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (time.perf_counter(), _machine_busy_s(), _tree_cpu_s(os.getpid()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, ours = self._start
+        elapsed = max(time.perf_counter() - wall, 1e-9)
+        ours_s = _tree_cpu_s(os.getpid()) - ours
+        self.ours_cores = ours_s / elapsed
+        self.others_cores = max(0.0, (_machine_busy_s() - busy - ours_s) / elapsed)
+
+
+def wait_for_quiet(max_wait_s: float = 600.0, busy_below: float = 0.3, window_s: float = 5.0,
+                   windows: int = 3) -> bool:
+    """Wait until the machine was idle (< busy_below cores) for `windows` windows in a row.
+
+    Call it while this process is idle; returns False when max_wait_s passed first.
+    """
+    deadline, quiet = time.monotonic() + max_wait_s, 0
+    while time.monotonic() < deadline:
+        before = _machine_busy_s()
+        time.sleep(window_s)
+        quiet = quiet + 1 if (_machine_busy_s() - before) / window_s < busy_below else 0
+        if quiet >= windows:
+            return True
+    return False
+
+
 # ---- statistics ----------------------------------------------------------------------------------
 def summarize_ms(seconds: Sequence[float]) -> dict[str, float]:
     """mean / p50 / p90 / p99 / max of durations given in seconds, in milliseconds."""

@@ -7,7 +7,8 @@ output tokens/s, TTFT, TPOT, inter-token latency and end-to-end latency like `vl
 
     python bench/serve.py --server 127.0.0.1:50051 --concurrency 1 4 16 32 --num-prompts 64
     python bench/serve.py --start-services --model models/smollm2-135m-instruct \\
-        --concurrency 1 4 16 32 --json bench/results/serve_cpu.json --plot bench/results/serve_cpu.png
+        --concurrency 1 4 16 32 --json bench/results/serve_cpu.json \\
+        --plot bench/results/serve_cpu.png
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Services, machine_info, set_threads, stable_prompt_ids  # noqa: E402
+from bench.common import (OtherLoad, Services, machine_info, set_threads,  # noqa: E402
+                          stable_prompt_ids, wait_for_quiet)
 from bench.serve_report import plot_runs, print_run, summarize_run  # noqa: E402
 
 
@@ -95,7 +97,10 @@ def build_prompts(address: str, count: int, input_len: int, range_ratio: float,
 def read_prompt_file(path: Path, count: int) -> list[Prompt]:
     """Prompts from a text file (one per line, or a JSON list of strings), cycled to `count`."""
     raw = path.read_text(encoding="utf-8")
-    texts = json.loads(raw) if path.suffix == ".json" else [l for l in raw.splitlines() if l.strip()]
+    if path.suffix == ".json":
+        texts = json.loads(raw)
+    else:
+        texts = [line for line in raw.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--prompt-file {path} holds no prompts")
     return [Prompt(texts[i % len(texts)], 0) for i in range(count)]
@@ -187,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default %(default)s)")
     p.add_argument("--range-ratio", type=float, default=0.0,
                    help="prompt lengths uniform in input-len*(1 +- ratio) (default 0)")
-    p.add_argument("--output-len", type=int, default=64, help="generated tokens (default %(default)s)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="generated tokens (default %(default)s)")
     p.add_argument("--prompt-file", type=Path, help="prompts, one per line (or a .json list)")
-    p.add_argument("--num-prompts", type=int, default=64, help="requests per run (default %(default)s)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1],
+    p.add_argument("--num-prompts", type=int, default=64,
+                   help="requests per run (default %(default)s)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
                    help="requests in flight; several values run in turn (default 1)")
     p.add_argument("--request-rate", type=float, nargs="+",
                    help="Poisson arrivals per second (one run per value; the concurrency cap is "
@@ -198,25 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="untimed requests first (default 2)")
+    p.add_argument("--max-others", type=float, default=None, metavar="CORES",
+                   help="shared machine: wait for an idle machine before each run and run again "
+                        "when other processes kept more than CORES busy meanwhile")
+    p.add_argument("--retries", type=int, default=3, help="with --max-others (default 3)")
+    p.add_argument("--quiet-wait", type=float, default=900.0,
+                   help="seconds to wait for an idle machine before each try (default 900)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG of latency/throughput per run here")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def load_specs(args: argparse.Namespace, explicit_concurrency: bool) -> list[LoadSpec]:
+def load_specs(args: argparse.Namespace) -> list[LoadSpec]:
     common = dict(output_len=args.output_len, temperature=args.temperature, seed=args.seed)
     if args.request_rate:
-        cap = args.concurrency[0] if explicit_concurrency else None
+        cap = args.concurrency[0] if args.concurrency else None
         return [LoadSpec(cap, rate, **common) for rate in args.request_rate]
-    return [LoadSpec(c, math.inf, **common) for c in args.concurrency]
+    return [LoadSpec(c, math.inf, **common) for c in args.concurrency or [1]]
 
 
 def validate(args: argparse.Namespace) -> None:
     for name in ("input_len", "output_len", "num_prompts", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(c < 1 for c in args.concurrency):
+    if any(c < 1 for c in args.concurrency or []):
         raise ValueError(f"--concurrency values must be >= 1, got {args.concurrency}")
     if args.request_rate and any(r <= 0 for r in args.request_rate):
         raise ValueError(f"--request-rate values must be > 0, got {args.request_rate}")
@@ -226,6 +239,28 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--start-services needs --model DIR")
 
 
+def measure_quietly(address: str, spec: LoadSpec, args: argparse.Namespace, seed: int) -> dict:
+    """One run on fresh prompts; with --max-others, wait for an idle machine first and repeat (at
+    most --retries times, new prompts each time: no prefix-cache hits) while other processes kept
+    more than that many cores busy during it."""
+    for attempt in range(args.retries + 1):
+        prompts = (read_prompt_file(args.prompt_file, args.num_prompts) if args.prompt_file
+                   else build_prompts(address, args.num_prompts, args.input_len,
+                                      args.range_ratio, seed + attempt))
+        if args.max_others is not None:
+            wait_for_quiet(args.quiet_wait)
+        with OtherLoad() as load:
+            records, duration = asyncio.run(run_load(address, prompts, spec, not args.no_progress))
+        run = summarize_run(records, duration, spec.concurrency, spec.request_rate)
+        run["others_cpu_cores"] = load.others_cores  # busy cores outside this process tree
+        run["ours_cpu_cores"] = load.ours_cores
+        if args.max_others is None or load.others_cores <= args.max_others:
+            break
+        print(f"other processes kept {load.others_cores:.2f} cores busy; "
+              f"{'measuring again' if attempt < args.retries else 'keeping it'}", flush=True)
+    return run
+
+
 def benchmark(args: argparse.Namespace, address: str, specs: list[LoadSpec]) -> list[dict]:
     """Warm up, then one run per spec with fresh prompts (no prefix-cache hits across runs)."""
     if args.warmup:
@@ -233,12 +268,7 @@ def benchmark(args: argparse.Namespace, address: str, specs: list[LoadSpec]) -> 
         asyncio.run(run_load(address, warm, LoadSpec(args.warmup, output_len=4), progress=False))
     runs = []
     for index, spec in enumerate(specs):
-        seed = args.seed + 1000 * index
-        prompts = (read_prompt_file(args.prompt_file, args.num_prompts) if args.prompt_file
-                   else build_prompts(address, args.num_prompts, args.input_len,
-                                      args.range_ratio, seed))
-        records, duration = asyncio.run(run_load(address, prompts, spec, not args.no_progress))
-        run = summarize_run(records, duration, spec.concurrency, spec.request_rate)
+        run = measure_quietly(address, spec, args, seed=args.seed + 1000 * index)
         print_run(run)
         runs.append(run)
     return runs
@@ -247,19 +277,19 @@ def benchmark(args: argparse.Namespace, address: str, specs: list[LoadSpec]) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    explicit_concurrency = "--concurrency" in (argv if argv is not None else sys.argv)
     try:
         validate(args)
     except ValueError as error:
         parser.error(str(error))
     threads = set_threads(args.threads, use_torch=False)
-    specs = load_specs(args, explicit_concurrency)
+    specs = load_specs(args)
     info = machine_info()
     services = None
     if args.start_services:
         log_dir = Path(tempfile.mkdtemp(prefix="llmserve-bench-"))
-        services = Services(args.model, ["--max-num-seqs", str(max(64, *args.concurrency)),
-                                         *args.engine_arg], args.threads, log_dir)
+        max_seqs = max([64, *(args.concurrency or [])])
+        services = Services(args.model, ["--max-num-seqs", str(max_seqs), *args.engine_arg],
+                            args.threads, log_dir)
     try:
         address = services.address if services else args.server
         runs = benchmark(args, address, specs)

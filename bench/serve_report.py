@@ -49,6 +49,9 @@ def print_run(run: dict) -> None:
     print(f"==== {run_label(run)} " + "=" * 40)
     print(f"  requests ok/failed        {run['completed']}/{run['failed']} "
           f"in {run['duration_s']:.2f} s")
+    if "others_cpu_cores" in run:
+        print(f"  CPU cores busy: ours {run['ours_cpu_cores']:.2f}, "
+              f"other processes {run['others_cpu_cores']:.2f}")
     for error in run["errors"]:
         print(f"  error: {error}")
     print(f"  input / output tokens     {run['total_input_tokens']} / {run['total_output_tokens']}"
@@ -80,6 +83,9 @@ def plot_runs(runs: list[dict], path: Path, title: str) -> None:
                 label="req/s")
     ax_req.set_ylabel("requests/s")
     ax_tput.set_title("throughput")
+    handles = ax_tput.get_legend_handles_labels()
+    more = ax_req.get_legend_handles_labels()
+    ax_req.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="lower right")
     for key, color in (("ttft_ms", "tab:blue"), ("e2e_ms", "tab:red")):
         ax_lat.plot(xs, [r[key]["p50"] for r in runs], "o-", color=color, label=f"{key} p50")
         ax_lat.plot(xs, [r[key]["p99"] for r in runs], "o--", color=color, label=f"{key} p99")
@@ -94,8 +100,10 @@ def plot_runs(runs: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("request rate (req/s)" if by_rate else "concurrency")
         if not by_rate and len(xs) > 1 and min(xs) > 0:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        if ax is not ax_tput:
+            ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, set_threads, stable_prompt_ids  # noqa: E402
+from bench.common import machine_info, set_threads, stable_prompt_ids, wait_for_quiet  # noqa: E402
 from bench.vs_hf_runners import (Measurement, run_engine, run_hf_batched,  # noqa: E402
                                  run_hf_sequential, run_service)
 
@@ -79,7 +79,7 @@ def run_all(args: argparse.Namespace, scenarios: list[Scenario]) -> list[Measure
         for method in args.methods:
             if method == "service" and (args.no_service or scenarios[0].prompt_texts is None):
                 continue
-            for measurement in run_method(method, dtype, scenarios, args):
+            for measurement in measure_quietly(method, dtype, scenarios, args):
                 key = (measurement.scenario, dtype)
                 if method == "hf_sequential":
                     reference[key] = measurement.outputs
@@ -88,6 +88,22 @@ def run_all(args: argparse.Namespace, scenarios: list[Scenario]) -> list[Measure
                 results.append(measurement)
             gc.collect()
     return results
+
+
+def measure_quietly(method: str, dtype: str, scenarios: list[Scenario],
+                    args: argparse.Namespace) -> list[Measurement]:
+    """run_method, repeated (after waiting for an idle machine) while other processes were
+    busy during it, at most --retries times; the last attempt is kept either way."""
+    for attempt in range(args.retries + 1):
+        if args.max_others is not None:
+            wait_for_quiet(args.quiet_wait)
+        measurements = run_method(method, dtype, scenarios, args)
+        busy = max(m.others_cores for m in measurements) if measurements else 0.0
+        if args.max_others is None or busy <= args.max_others:
+            break
+        print(f"  {method} {dtype}: other processes kept {busy:.2f} cores busy; "
+              f"{'measuring again' if attempt < args.retries else 'keeping it'}", flush=True)
+    return measurements
 
 
 def run_method(method: str, dtype: str, scenarios: list[Scenario],
@@ -123,14 +139,15 @@ def ratio_table(results: list[Measurement]) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'scenario':16} {'method':14} {'dtype':9} {'tok/s':>9} {'x HF seq':>9} "
-            f"{'x HF batch':>10} {'exact':>6} {'agree':>6}  note")
+            f"{'x HF batch':>10} {'exact':>6} {'agree':>6} {'others':>6}  note")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         ratios = [f"{r[k]:.2f}" if r[k] is not None else "-"
                   for k in ("x_vs_hf_sequential", "x_vs_hf_batched")]
         agree = f"{r['agree_with_hf']:.2f}" if r["agree_with_hf"] is not None else "-"
         print(f"{r['scenario']:16} {r['method']:14} {r['dtype']:9} {r['tokens_per_s']:9.1f} "
-              f"{ratios[0]:>9} {ratios[1]:>10} {str(r['exact_counts']):>6} {agree:>6}  "
+              f"{ratios[0]:>9} {ratios[1]:>10} {str(r['exact_counts']):>6} {agree:>6} "
+              f"{r['others_cores']:6.2f}  "
               f"{r['note']}")
 
 
@@ -154,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-service", action="store_true", help="skip (d), the gRPC services")
+    p.add_argument("--max-others", type=float, default=None, metavar="CORES",
+                   help="shared machine: wait for an idle machine before each method and measure "
+                        "again when other processes kept more than CORES busy meanwhile")
+    p.add_argument("--retries", type=int, default=3, help="with --max-others (default 3)")
+    p.add_argument("--quiet-wait", type=float, default=900.0,
+                   help="seconds to wait for an idle machine before each try (default 900)")
     p.add_argument("--quick", action="store_true",
                    help="2 single prompts, batch 8, 16 new tokens, prompts of 16-32 tokens")
     p.add_argument("--json", type=Path, help="write the results here")

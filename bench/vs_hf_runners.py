@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Services, summarize_ms
+from bench.common import OtherLoad, Services, summarize_ms
 
 WARMUP_TOKENS = 4
 
@@ -28,6 +28,7 @@ class Measurement:
     tokens_per_s: float = 0.0
     exact_counts: bool = False
     agree_with_hf: float | None = None   # mean common-prefix fraction vs hf_sequential, same dtype
+    others_cores: float = 0.0            # CPU cores other processes kept busy meanwhile
     note: str = ""
     extra: dict = field(default_factory=dict)
     outputs: list[list[int]] = field(default_factory=list)
@@ -50,7 +51,8 @@ class Measurement:
 
     def line(self) -> str:
         return (f"  {self.scenario:16} {self.method:14} {self.dtype:9} {self.tokens:6d} tokens "
-                f"in {self.seconds:7.2f} s = {self.tokens_per_s:8.1f} tok/s {self.note}")
+                f"in {self.seconds:7.2f} s = {self.tokens_per_s:8.1f} tok/s "
+                f"(others {self.others_cores:.2f} cores) {self.note}")
 
 
 # ---- transformers ------------------------------------------------------------------------------
@@ -91,7 +93,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_hf_sequential(model_dir: Path, dtype: str, scenarios: list, device: str = "cpu") -> list[Measurement]:
+def run_hf_sequential(model_dir: Path, dtype: str, scenarios: list,
+                      device: str = "cpu") -> list[Measurement]:
     """(a) transformers generate, one request at a time."""
     model = _load_hf(model_dir, dtype, device)
     first = scenarios[0].prompt_ids[0]
@@ -99,20 +102,22 @@ def run_hf_sequential(model_dir: Path, dtype: str, scenarios: list, device: str 
     results = []
     for scenario in scenarios:
         outputs = []
-        _sync(device)
-        start = time.perf_counter()
-        for prompt in scenario.prompt_ids:
-            ids, mask = _left_padded([prompt], 0, device)
-            outputs.append(_hf_generate(model, ids, mask, scenario.new_tokens)[0].tolist())
-        _sync(device)
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            for prompt in scenario.prompt_ids:
+                ids, mask = _left_padded([prompt], 0, device)
+                outputs.append(_hf_generate(model, ids, mask, scenario.new_tokens)[0].tolist())
+            _sync(device)
+            seconds = time.perf_counter() - start
         results.append(Measurement(scenario.name, "hf_sequential", dtype, len(scenario.prompt_ids),
-                                   scenario.new_tokens, time.perf_counter() - start,
-                                   outputs=outputs))
+                                   scenario.new_tokens, seconds, outputs=outputs,
+                                   others_cores=load.others_cores))
     del model
     return results
 
 
-def run_hf_batched(model_dir: Path, dtype: str, scenarios: list, device: str = "cpu") -> list[Measurement]:
+def run_hf_batched(model_dir: Path, dtype: str, scenarios: list,
+                   device: str = "cpu") -> list[Measurement]:
     """(b) transformers generate on one left-padded batch per scenario."""
     if not scenarios:
         return []
@@ -122,13 +127,14 @@ def run_hf_batched(model_dir: Path, dtype: str, scenarios: list, device: str = "
     results = []
     for scenario in scenarios:
         ids, mask = _left_padded(scenario.prompt_ids, pad_id, device)
-        _sync(device)
-        start = time.perf_counter()
-        new_ids = _hf_generate(model, ids, mask, scenario.new_tokens)
-        _sync(device)
-        seconds = time.perf_counter() - start
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            new_ids = _hf_generate(model, ids, mask, scenario.new_tokens)
+            _sync(device)
+            seconds = time.perf_counter() - start
         results.append(Measurement(scenario.name, "hf_batched", dtype, len(scenario.prompt_ids),
                                    scenario.new_tokens, seconds, outputs=new_ids.tolist(),
+                                   others_cores=load.others_cores,
                                    note=f"batch {len(scenario.prompt_ids)} x {ids.shape[1]} "
                                         "padded prompt tokens"))
     del model
@@ -175,16 +181,18 @@ def run_engine(model_dir: Path, dtype: str, scenarios: list, max_model_len: int,
     results = []
     for scenario in scenarios:
         step_log: list = []
-        _sync(device)
-        start = time.perf_counter()
-        if scenario.concurrent:
-            outputs = _drive(engine, scenario.prompt_ids, scenario.new_tokens, step_log)
-        else:
-            outputs = [_drive(engine, [p], scenario.new_tokens, step_log)[0]
-                       for p in scenario.prompt_ids]
-        seconds = time.perf_counter() - start
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            if scenario.concurrent:
+                outputs = _drive(engine, scenario.prompt_ids, scenario.new_tokens, step_log)
+            else:
+                outputs = [_drive(engine, [p], scenario.new_tokens, step_log)[0]
+                           for p in scenario.prompt_ids]
+            _sync(device)
+            seconds = time.perf_counter() - start
         results.append(Measurement(scenario.name, "engine", dtype, len(scenario.prompt_ids),
                                    scenario.new_tokens, seconds, outputs=outputs,
+                                   others_cores=load.others_cores,
                                    extra=_step_summary(step_log)))
     del engine
     return results
@@ -203,7 +211,7 @@ def run_service(model_dir: Path, dtype: str, scenarios: list, max_model_len: int
     results = []
     logging.getLogger(__name__).info("starting services (logs in %s)", log_dir)
     with Services(model_dir, engine_args, threads, log_dir) as services:
-        warm = [Prompt(scenarios[0].prompt_texts[0][:40], 0)]
+        warm = [Prompt("Warm-up request, not timed.", 0)]
         asyncio.run(run_load(services.address, warm, LoadSpec(1, output_len=WARMUP_TOKENS),
                              progress=False))
         for scenario in scenarios:
@@ -211,8 +219,9 @@ def run_service(model_dir: Path, dtype: str, scenarios: list, max_model_len: int
                        for text, ids in zip(scenario.prompt_texts, scenario.prompt_ids)]
             spec = LoadSpec(len(prompts) if scenario.concurrent else 1,
                             output_len=scenario.new_tokens)
-            records, seconds = asyncio.run(run_load(services.address, prompts, spec,
-                                                    progress=False))
+            with OtherLoad() as load:
+                records, seconds = asyncio.run(run_load(services.address, prompts, spec,
+                                                        progress=False))
             summary = summarize_run(records, seconds, spec.concurrency, spec.request_rate)
             mismatched = sum(r.prompt_tokens != p.num_tokens for r, p in zip(records, prompts))
             note = "; ".join(filter(None, [
@@ -221,5 +230,6 @@ def run_service(model_dir: Path, dtype: str, scenarios: list, max_model_len: int
             results.append(Measurement(
                 scenario.name, "service", dtype, len(prompts), scenario.new_tokens, seconds,
                 outputs=[r.token_ids for r in records if not r.error], note=note,
+                others_cores=load.others_cores,
                 extra={k: summary[k] for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}))
     return results
