@@ -98,6 +98,7 @@ class LLMEngine:
             self.pool, self.prefix_cache)
         self.eos_ids = frozenset(mc.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}     # request_id -> sequence, until finished
         self.last_step = StepStats()
@@ -122,6 +123,7 @@ class LLMEngine:
                                      "retry later")
             self._live[request_id] = seq
         self._inbox.put(("add", seq))
+        self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already ended); its rows are freed at the next step."""
@@ -129,6 +131,7 @@ class LLMEngine:
             seq = self._live.pop(request_id, None)
         if seq is not None:
             self._inbox.put(("abort", seq))
+            self._wakeup.set()
 
     def is_live(self, request_id: str) -> bool:
         """True while the request is queued or running."""
@@ -147,6 +150,7 @@ class LLMEngine:
     def clear_prefix_cache(self) -> None:
         """Drop every prefix-cache reference at the next step (rows in use stay in use)."""
         self._inbox.put(("clear_cache", None))
+        self._wakeup.set()
 
     def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                   stopping: StoppingParams) -> None:
@@ -171,16 +175,10 @@ class LLMEngine:
 
     def wait_for_work(self, timeout: float) -> None:
         """Block until a command arrives (or timeout) when there is nothing to run."""
-        if self.scheduler.has_work():
+        if self.scheduler.has_work() or not self._inbox.empty():
             return
-        try:
-            self._drain_inbox_blocking(timeout)
-        except queue.Empty:
-            pass
-
-    def _drain_inbox_blocking(self, timeout: float) -> None:
-        command = self._inbox.get(timeout=timeout)
-        self._inbox.put(command)   # keep FIFO order: step() drains it with the rest
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()   # commands are queued before the event is set: none is missed
 
     def step(self) -> list[RequestOutput]:
         """Drain commands, run one forward pass, return every request's new tokens."""

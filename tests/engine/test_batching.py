@@ -199,3 +199,14 @@ def test_abort_frees_the_queue_place_at_once(tiny_dir):
                                                                      FinishReason.LENGTH]
     assert sum(len(o.token_ids) for o in outputs["x"]) == 4   # only the new x's tokens
     assert engine.pool.num_used == engine.prefix_cache.num_cached_tokens
+
+
+def test_add_then_abort_before_the_loop_wakes(tiny_dir):
+    """The engine loop's wait must not reorder queued commands (abort before its add)."""
+    engine = make_engine(tiny_dir)
+    engine.add_request("a", [5, 6, 7], GREEDY, StoppingParams(max_new_tokens=4))
+    engine.abort("a")
+    engine.wait_for_work(timeout=0.01)
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("a", FinishReason.ABORTED)]
+    assert not engine.has_work() and engine.pool.is_idle()
