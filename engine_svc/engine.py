@@ -71,7 +71,6 @@ class StepStats:
     num_tokens: int = 0
     duration_s: float = 0.0
     prompt_tokens: int = 0
-    generated_tokens: int = 0
 
 
 class LLMEngine:
@@ -197,8 +196,7 @@ class LLMEngine:
             phase="decode" if not plan.prefill else ("prefill" if not plan.decode else "mixed"),
             batch_size=len(plan.chunks), num_tokens=plan.num_tokens,
             duration_s=time.perf_counter() - started,
-            prompt_tokens=sum(c.num_tokens for c in plan.prefill),
-            generated_tokens=sum(len(o.token_ids) for o in outputs))
+            prompt_tokens=sum(c.num_tokens for c in plan.prefill))
         return outputs
 
     def _drain_inbox(self) -> list[RequestOutput]:
