@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -83,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # the engine is built on the thread that will run its steps (see EngineLoop)
+    engine_thread = ThreadPoolExecutor(1, "engine-loop")
     try:
-        engine = LLMEngine(EngineConfig(
+        engine = engine_thread.submit(LLMEngine, EngineConfig(
             model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
             load_format=args.load_format, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_queue=args.max_queue, kv_capacity_tokens=args.kv_capacity_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-            cuda_graphs=args.cuda_graphs))
+            cuda_graphs=args.cuda_graphs)).result()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             engine, host=args.host, port=args.port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             model_name=Path(args.model).name, drain_timeout=args.drain_timeout,
-            server_credentials=credentials, max_message_bytes=args.max_message_bytes))
+            server_credentials=credentials, max_message_bytes=args.max_message_bytes,
+            engine_thread=engine_thread))
     except (BindError, OSError) as err:  # gRPC or metrics port taken
         print(f"error: {err}", file=sys.stderr)
         return 2
