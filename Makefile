@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup proto model run test test-fast bench clean help
+.PHONY: setup proto model run test bench bench-kernels clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -38,8 +38,18 @@ run: setup model  ## serve the default model on loopback
 test: setup model  ## run the whole test suite (CPU)
 	$(PY) -m pytest -q tests
 
-bench: setup model  ## run the benchmarks
+bench: setup model  ## CPU benchmarks side by side with their baselines (results in bench/results/)
 	$(PY) bench/kv_pool_bench.py
+	$(PY) bench/prefix_bench.py --json bench/results/prefix_cpu.json
+	$(PY) bench/chunked_prefill_bench.py --json bench/results/chunked_prefill_cpu.json
+	$(PY) bench/vs_hf.py --max-others 0.2 --json bench/results/vs_hf_cpu.json
+	$(PY) bench/serve.py --start-services --model $(MODEL) --engine-arg=--dtype=bfloat16 \
+	    --engine-arg=--max-model-len=1024 --input-len 128 --output-len 64 --num-prompts 32 \
+	    --concurrency 1 4 16 32 --max-others 0.2 --json bench/results/serve_cpu.json \
+	    --plot bench/results/serve_cpu.png
+
+bench-kernels: setup  ## Triton kernels vs torch at serving shapes (needs a CUDA GPU)
+	$(PY) bench/kernels.py --json bench/results/kernels.json
 
 clean:  ## remove generated stubs (keeps .venv and models)
 	rm -rf llmserve
