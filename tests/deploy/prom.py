@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
 import subprocess
 import time
 import urllib.error
@@ -16,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
-from tests.e2e.services import free_port
+from tests.e2e.services import free_port, stop_process
 
 T = TypeVar("T")
 
@@ -115,13 +114,7 @@ class PrometheusServer:
         self.wait_until(ready, "/-/ready", timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
 
 def start_prometheus(binary: str, config: dict[str, Any], work_dir: Path,

@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
     """The grpc.health.v1 status of `service` at `address`, or None when unreachable."""
     with grpc.insecure_channel(address) as channel:
@@ -81,14 +93,7 @@ class Service:
                            f"{self.log_path.read_text()[-3000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def start_engine(model_dir: Path, log_dir: Path, *extra: str, port: int | None = None) -> Service:
