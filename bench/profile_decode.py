@@ -65,7 +65,7 @@ def instrument(engine, timers: Timers) -> None:
              tuple(model.weights.lm_head.shape): "lm_head"}
     functional = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F)
                                           if not k.startswith("_")})
-    functional.linear = timers.wrap(linear_label(names), F.linear)
+    model.linear = timers.wrap(linear_label(names), model.linear)
     functional.embedding = timers.wrap("embedding", F.embedding)
     llama_module.F = functional
     ops = model.ops

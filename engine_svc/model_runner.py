@@ -17,6 +17,7 @@ from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.weights import ModelConfig, load_weights
+from kernels import cpu_linear
 from kernels.backend import get_ops, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)
+        prepack = self.device.type == "cpu" and cpu_linear.can_prepack(weights.lm_head)
+        if prepack:
+            log.info("bf16 projections reordered once for oneDNN (kernels/cpu_linear.py)")
         self.model = LlamaModel(model_config, weights, get_ops(self.backend),
-                                config.max_model_len)
+                                config.max_model_len, prepack=prepack)
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.capacity = self._kv_capacity()
         # one extra pool row (index `capacity`) and one extra table row (index max_num_seqs)

@@ -1,4 +1,4 @@
-"""Pick the kernel implementation: Triton on CUDA, pure torch on CPU.
+"""Pick the kernel implementation: Triton on CUDA, pure torch (kernels.cpu_ops) on CPU.
 
 Importing this module imports neither Triton nor any kernel; `get_ops("triton")` does.
 """
@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels import cpu_ops, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -54,13 +54,13 @@ def get_ops(backend: str) -> KernelOps:
     if backend == "torch":
         return KernelOps(
             backend="torch",
-            rms_norm=reference.rms_norm,
-            build_rope_cache=reference.build_rope_cache,
-            apply_rope=reference.apply_rope,
-            silu_and_mul=reference.silu_and_mul,
-            store_kv=reference.store_kv,
-            prefill_attention=reference.prefill_attention,
-            decode_attention=reference.decode_attention,
+            rms_norm=cpu_ops.rms_norm,
+            build_rope_cache=cpu_ops.build_rope_cache,
+            apply_rope=cpu_ops.apply_rope,
+            silu_and_mul=cpu_ops.silu_and_mul,
+            store_kv=cpu_ops.store_kv,
+            prefill_attention=cpu_ops.prefill_attention,
+            decode_attention=cpu_ops.decode_attention,
         )
     if backend == "triton":
         from kernels.decode_attention import decode_attention

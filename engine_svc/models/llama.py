@@ -7,12 +7,13 @@ key and value through the request->token table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
+from kernels import cpu_linear
 from kernels.backend import KernelOps
 
 
@@ -46,9 +47,10 @@ class LlamaModel:
     """Stateless forward over `ModelWeights`; kernels come from `ops` (torch or triton)."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: KernelOps,
-                 max_positions: int) -> None:
+                 max_positions: int, prepack: bool = False) -> None:
         self.config = config
-        self.weights = weights
+        self.weights = prepack_for_cpu(weights) if prepack else weights
+        self.linear = cpu_linear.linear_for(self.weights.lm_head)  # F.linear or packed_linear
         self.ops = ops
         device = weights.embed_tokens.device
         # cos_sin: [max_positions, head_dim] float32
@@ -59,7 +61,7 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Run all layers; returns float32 logits [batch, vocab] at each request's last token."""
-        w, ops, eps = self.weights, self.ops, self.config.rms_norm_eps
+        w, ops, eps, linear = self.weights, self.ops, self.config.rms_norm_eps, self.linear
         hidden = F.embedding(batch.input_ids, w.embed_tokens)  # [tokens, hidden]
         residual: torch.Tensor | None = None
         for index, layer in enumerate(w.layers):
@@ -67,11 +69,12 @@ class LlamaModel:
             hidden = self._attention(layer, x, batch, cache.k[index], cache.v[index],
                                      cache.req_to_token)
             x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual)
-            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+            hidden = linear(ops.silu_and_mul(linear(x, layer.gate_up_proj, None)), layer.down_proj,
+                            None)
         last = hidden.index_select(0, batch.logits_index)
         last_residual = residual.index_select(0, batch.logits_index)
         x, _ = ops.rms_norm(last, w.final_norm, eps, last_residual)
-        return F.linear(x, w.lm_head).float()  # [batch, vocab]
+        return linear(x, w.lm_head, None).float()  # [batch, vocab]
 
     def _attention(self, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
                    k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -79,10 +82,11 @@ class LlamaModel:
         cfg, ops = self.config, self.ops
         tokens, head_dim = x.shape[0], cfg.head_dim
         q_size, kv_size = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
-        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [tokens, q_size + 2 * kv_size]
-        q = qkv[:, :q_size].reshape(tokens, cfg.num_heads, head_dim).contiguous()
-        k = qkv[:, q_size:q_size + kv_size].reshape(tokens, cfg.num_kv_heads, head_dim).contiguous()
-        v = qkv[:, q_size + kv_size:].reshape(tokens, cfg.num_kv_heads, head_dim).contiguous()
+        qkv = self.linear(x, layer.qkv_proj, layer.qkv_bias)  # [tokens, q_size + 2 * kv_size]
+        # q, k, v: views of qkv [tokens, heads, head_dim] (rows strided by the fused width)
+        q = qkv[:, :q_size].view(tokens, cfg.num_heads, head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(tokens, cfg.num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size:].view(tokens, cfg.num_kv_heads, head_dim)
         ops.apply_rope(q, k, batch.positions, self.cos_sin)
         ops.store_kv(k_cache, v_cache, k, v, batch.out_rows)
         nd = batch.num_decode
@@ -96,4 +100,14 @@ class LlamaModel:
                                                batch.slots[nd:], batch.prefix_lens,
                                                batch.cu_new_lens, batch.max_new_len, self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [tokens, heads, head_dim]
-        return F.linear(out.reshape(tokens, q_size), layer.o_proj)
+        return self.linear(out.reshape(tokens, q_size), layer.o_proj, None)
+
+
+def prepack_for_cpu(weights: ModelWeights) -> ModelWeights:
+    """The same weights with every projection (and the LM head) reordered once for oneDNN;
+    embeddings and norms stay plain. Only for bf16 on CPU (see kernels.cpu_linear)."""
+    pack = cpu_linear.prepack
+    layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
+                      gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
+              for layer in weights.layers]
+    return replace(weights, layers=layers, lm_head=pack(weights.lm_head))

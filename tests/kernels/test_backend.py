@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import reference
+from kernels import cpu_ops, reference
 from kernels.backend import get_ops, resolve_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +41,12 @@ def test_resolve_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
 
 
-def test_get_ops_torch_is_the_reference() -> None:
+def test_get_ops_torch_is_the_cpu_path() -> None:
     ops = get_ops("torch")
     assert ops.backend == "torch"
     assert ops.rms_norm is reference.rms_norm
-    assert ops.decode_attention is reference.decode_attention
+    assert ops.decode_attention is cpu_ops.decode_attention
+    assert ops.prefill_attention is cpu_ops.prefill_attention
     with pytest.raises(ValueError, match="auto"):
         get_ops("auto")
 

@@ -1,0 +1,163 @@
+"""The CPU serving path: pure-torch ops shaped for CPU speed, each tested against its twin in
+kernels.reference (the oracle, which stays the simplest correct version).
+
+Differences from the reference, all measured on the 2-core AMD EPYC this was built on:
+- RoPE and SiLU*up run in the model's dtype, as transformers does (a bf16 model rotates in bf16);
+  for fp32 models the numbers are the reference's.
+- Decode attention calls SDPA in the pool's dtype (its CPU kernel accumulates in fp32): no fp32
+  copies of the gathered K/V. Batch 32, 160 tokens, bf16: 1.05 -> 0.57 ms per layer.
+- Prefill attention pads chunks of similar length into groups and runs each group as batched
+  matrix products (Q.K^T in fp32, P.V in the pool's dtype) instead of one SDPA call per request.
+  21 prompts of 96 tokens, bf16: ~15 -> ~4 ms per layer. Long chunks go one at a time through
+  SDPA, whose memory stays linear in the chunk length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.reference import build_rope_cache, rms_norm, store_kv
+
+__all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "silu_and_mul",
+           "decode_attention", "prefill_attention"]
+
+# a prefill chunk longer than this attends alone (SDPA), not in a padded group
+GROUP_MAX_NEW_TOKENS = 256
+# cap on one group's fp32 score tensor: requests * q_heads * max_new * max_ctx elements
+GROUP_MAX_SCORES = 1 << 23
+
+
+def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None:
+    """Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in place (views
+    with a unit last stride are fine), computing in q's dtype."""
+    half = q.shape[-1] // 2
+    table = cos_sin.index_select(0, positions).to(q.dtype)  # [tokens, head_dim]
+    cos = table[:, None, :half]  # [tokens, 1, half]
+    sin = table[:, None, half:]
+    for x in (q, k):
+        first, second = x[..., :half], x[..., half:]
+        new_first = first * cos - second * sin
+        new_second = second * cos + first * sin
+        first.copy_(new_first)
+        second.copy_(new_second)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """[tokens, 2 * inter] (gate | up) -> [tokens, inter] = silu(gate) * up, in x's dtype."""
+    inter = x.shape[-1] // 2
+    return F.silu(x[:, :inter]) * x[:, inter:]
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
+                     slots: Tensor, seq_lens: Tensor, scale: float, max_seq_len: int) -> Tensor:
+    """One query per request over its first seq_lens[b] tokens, padded to max_seq_len (which
+    must be >= max(seq_lens)); requests with seq_len 0 get zeros."""
+    # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if batch and seq_lens.device.type == "cpu" and int(seq_lens.max()) > max_seq_len:
+        raise ValueError(f"max_seq_len ({max_seq_len}) must be >= the longest seq_len "
+                         f"({int(seq_lens.max())})")
+    width = min(max(int(max_seq_len), 1), req_to_token.shape[1])
+    valid = torch.arange(width, device=q.device)[None, :] < seq_lens[:, None]  # [batch, width]
+    rows = req_to_token[slots.long(), :width].masked_fill(~valid, 0).view(-1)  # [batch * width]
+    keys = k_cache.index_select(0, rows).view(batch, width, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, rows).view(batch, width, kv_heads, head_dim).transpose(1, 2)
+    # keys, values: [batch, kv_heads, width, d]; the group's query heads act as query rows
+    query = q.to(k_cache.dtype).reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :],
+                                         scale=scale)  # [batch, kv_heads, group, d]; 0 if masked
+    return out.reshape(batch, q_heads, head_dim).to(q.dtype)
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
+                      slots: Tensor, prefix_lens: Tensor, cu_new_lens: Tensor, max_new_len: int,
+                      scale: float) -> Tensor:
+    """Causal GQA attention of a flat batch of new tokens over cached prefix + themselves."""
+    # q: [total_new, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
+    out = torch.empty_like(q)
+    slot_list, prefix_list, cu_list = slots.tolist(), prefix_lens.tolist(), cu_new_lens.tolist()
+    chunks = [(cu_list[b], cu_list[b + 1] - cu_list[b], prefix_list[b], slot_list[b])
+              for b in range(len(slot_list)) if cu_list[b + 1] > cu_list[b]]
+    for group in _groups(chunks, q.shape[1]):
+        if len(group) == 1:
+            _attend_one(out, q, k_cache, v_cache, req_to_token, group[0], scale)
+        else:
+            _attend_group(out, q, k_cache, v_cache, req_to_token, group, scale)
+    return out
+
+
+Chunk = tuple[int, int, int, int]   # (start in q, new tokens, prefix tokens, table slot)
+
+
+def _groups(chunks: list[Chunk], q_heads: int) -> list[list[Chunk]]:
+    """Chunks sorted by context length, cut into groups whose padded scores fit the cap."""
+    groups: list[list[Chunk]] = []
+    current: list[Chunk] = []
+    for chunk in sorted(chunks, key=lambda c: c[1] + c[2]):
+        if chunk[1] > GROUP_MAX_NEW_TOKENS:
+            groups.append([chunk])
+            continue
+        max_new = max([c[1] for c in current] + [chunk[1]])
+        ctx = chunk[1] + chunk[2]   # sorted: the largest context so far
+        if current and (len(current) + 1) * q_heads * max_new * ctx > GROUP_MAX_SCORES:
+            groups.append(current)
+            current = []
+        current.append(chunk)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _attend_one(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                req_to_token: Tensor, chunk: Chunk, scale: float) -> None:
+    """SDPA for one chunk; memory linear in its length."""
+    start, n_new, prefix, slot = chunk
+    ctx = prefix + n_new
+    rows = req_to_token[slot, :ctx].long()  # [ctx]
+    keys = k_cache.index_select(0, rows).transpose(0, 1)  # [kv_heads, ctx, d]
+    values = v_cache.index_select(0, rows).transpose(0, 1)
+    query = q[start:start + n_new].to(k_cache.dtype).transpose(0, 1)  # [q_heads, n_new, d]
+    mask = None
+    if prefix:  # new token i sits at prefix + i: causal aligned to the bottom right
+        cols, new_rows = torch.arange(ctx, device=q.device), torch.arange(n_new, device=q.device)
+        mask = cols[None, :] <= new_rows[:, None] + prefix
+    attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                          is_causal=mask is None, scale=scale,
+                                          enable_gqa=query.shape[0] != keys.shape[0])
+    out[start:start + n_new] = attn.transpose(0, 1).to(q.dtype)
+
+
+def _attend_group(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  req_to_token: Tensor, group: list[Chunk], scale: float) -> None:
+    """Padded batched attention for chunks of similar length."""
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    n_req, group_size = len(group), q_heads // kv_heads
+    starts, news, prefixes, slot_ids = (torch.tensor(col, device=q.device) for col in zip(*group))
+    max_new, max_ctx = int(news.max()), int((news + prefixes).max())
+    new_pos = torch.arange(max_new, device=q.device)
+    ctx_pos = torch.arange(max_ctx, device=q.device)
+    # query index [n_req, max_new]: padding rows repeat the chunk's last token (dropped later)
+    q_index = starts[:, None] + torch.minimum(new_pos[None, :], news[:, None] - 1)
+    query = q.index_select(0, q_index.view(-1)).view(n_req, max_new, kv_heads, group_size,
+                                                     head_dim)
+    query = query.permute(0, 2, 3, 1, 4).float()  # [n_req, kv_heads, group, max_new, d]
+    # visible[b, i, j]: key j is in request b's context and not after new token i
+    visible = ctx_pos[None, None, :] <= (prefixes[:, None, None] + new_pos[None, :, None])
+    visible &= ctx_pos[None, None, :] < (prefixes + news)[:, None, None]
+    rows = req_to_token[slot_ids.long(), :max_ctx].masked_fill(~visible[:, -1, :], 0)
+    keys = k_cache.index_select(0, rows.view(-1)).view(n_req, max_ctx, kv_heads, head_dim)
+    values = v_cache.index_select(0, rows.view(-1)).view(n_req, max_ctx, kv_heads, head_dim)
+    keys_t = keys.permute(0, 2, 3, 1).float()[:, :, None]  # [n_req, kv_heads, 1, d, max_ctx]
+    scores = torch.matmul(query, keys_t).mul_(scale)  # [n_req, kv_heads, group, max_new, max_ctx]
+    scores.masked_fill_(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+    attn = torch.matmul(probs, values.transpose(1, 2)[:, :, None])  # [..., max_new, d]
+    attn = attn.permute(0, 3, 1, 2, 4).reshape(n_req * max_new, q_heads, head_dim)
+    # keep the real rows: (b, i < news[b]) -> out[starts[b] + i]
+    real = new_pos[None, :] < news[:, None]  # [n_req, max_new]
+    source = (torch.arange(n_req, device=q.device)[:, None] * max_new + new_pos[None, :])[real]
+    target = (starts[:, None] + new_pos[None, :])[real]
+    out.index_copy_(0, target, attn.index_select(0, source).to(q.dtype))
