@@ -1,11 +1,14 @@
-"""The CPU serving path: pure-torch ops shaped for CPU speed, each tested against its twin in
+"""The CPU serving path: ops shaped for CPU speed, each tested against its twin in
 kernels.reference (the oracle, which stays the simplest correct version).
 
+Where the C kernels of kernels.cpu_native are built (a C compiler is there), decode attention,
+RoPE and RMSNorm of up to NATIVE_RMS_NORM_MAX_ROWS rows run in them; otherwise in torch.
 Differences from the reference, all measured on the 2-core AMD EPYC this was built on:
 - RoPE and SiLU*up run in the model's dtype, as transformers does (a bf16 model rotates in bf16);
   for fp32 models the numbers are the reference's.
-- Decode attention calls SDPA in the pool's dtype (its CPU kernel accumulates in fp32): no fp32
-  copies of the gathered K/V. Batch 32, 160 tokens, bf16: 1.05 -> 0.57 ms per layer.
+- Decode attention reads K/V rows where they lie in the pool (C kernel; batch 1: 0.15 -> 0.05 ms
+  per layer, batch 32: ~0.9 -> ~0.65 ms in the engine). Without it: SDPA in the pool's dtype on
+  gathered K/V (its CPU kernel accumulates in fp32), no fp32 copies.
 - Prefill attention pads chunks of similar length into groups and runs each group as batched
   matrix products (Q.K^T in fp32, P.V in the pool's dtype) instead of one SDPA call per request.
   21 prompts of 96 tokens, bf16: ~15 -> ~4 ms per layer. Long chunks go one at a time through
@@ -17,20 +20,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import build_rope_cache, rms_norm, store_kv
+from kernels import cpu_native, reference
+from kernels.reference import build_rope_cache, store_kv
 
 __all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "silu_and_mul",
            "decode_attention", "prefill_attention"]
 
+# up to this many rows the C RMSNorm wins (3-4x at 1-32 rows); above it torch's is as fast
+NATIVE_RMS_NORM_MAX_ROWS = 256
 # a prefill chunk longer than this attends alone (SDPA), not in a padded group
 GROUP_MAX_NEW_TOKENS = 256
 # cap on one group's fp32 score tensor: requests * q_heads * max_new * max_ctx elements
 GROUP_MAX_SCORES = 1 << 23
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RMSNorm with optional fused residual add; returns (normed * weight, new residual)."""
+    small = x.shape[0] <= NATIVE_RMS_NORM_MAX_ROWS
+    lib = cpu_native.load() if small and cpu_native.elementwise_ok(x, weight, residual) else None
+    if lib is not None:
+        return cpu_native.rms_norm(lib, x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
 def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None:
     """Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in place (views
     with a unit last stride are fine), computing in q's dtype."""
+    lib = cpu_native.load() if cpu_native.elementwise_ok(q, k) else None
+    if lib is not None and q.stride(2) == 1 and k.stride(2) == 1:
+        cpu_native.rope(lib, q, positions, cos_sin)
+        cpu_native.rope(lib, k, positions, cos_sin)
+        return
     half = q.shape[-1] // 2
     table = cos_sin.index_select(0, positions).to(q.dtype)  # [tokens, head_dim]
     cos = table[:, None, :half]  # [tokens, 1, half]
@@ -55,17 +76,29 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     must be >= max(seq_lens)); requests with seq_len 0 get zeros."""
     # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
     batch, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
     if batch and seq_lens.device.type == "cpu" and int(seq_lens.max()) > max_seq_len:
         raise ValueError(f"max_seq_len ({max_seq_len}) must be >= the longest seq_len "
                          f"({int(seq_lens.max())})")
+    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
+    if lib is not None:
+        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
+                                         seq_lens, scale).to(q.dtype)
+    return _decode_sdpa(q, k_cache, v_cache, req_to_token, slots, seq_lens, scale, max_seq_len)
+
+
+def _decode_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
+                 slots: Tensor, seq_lens: Tensor, scale: float, max_seq_len: int) -> Tensor:
+    """decode_attention without the native kernel: gather, then SDPA in the pool's dtype."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
     width = min(max(int(max_seq_len), 1), req_to_token.shape[1])
     valid = torch.arange(width, device=q.device)[None, :] < seq_lens[:, None]  # [batch, width]
     rows = req_to_token[slots.long(), :width].masked_fill(~valid, 0).view(-1)  # [batch * width]
     keys = k_cache.index_select(0, rows).view(batch, width, kv_heads, head_dim).transpose(1, 2)
     values = v_cache.index_select(0, rows).view(batch, width, kv_heads, head_dim).transpose(1, 2)
     # keys, values: [batch, kv_heads, width, d]; the group's query heads act as query rows
-    query = q.to(k_cache.dtype).reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    # (SDPA's CPU kernel is several times slower on a strided query: copy it)
+    query = q.to(k_cache.dtype).contiguous().view(batch, kv_heads, q_heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=valid[:, None, None, :],
                                          scale=scale)  # [batch, kv_heads, group, d]; 0 if masked
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)

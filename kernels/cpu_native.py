@@ -1,0 +1,175 @@
+"""Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE (kernels/csrc).
+
+Built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
+directory keyed by the source, the flags and this CPU, then loaded with ctypes. Its OpenMP calls
+bind to the libgomp torch already loaded, so it runs on torch's threads. Where there is no
+compiler (or LLMSERVE_NATIVE=0), `load()` returns None and callers use the SDPA path.
+
+    python -m kernels.cpu_native      # build now (make setup does) and print where it went
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("pool_attention.c", "elementwise.c")]
+# vector sums need reassociation (-fassociative-math and the two flags it requires); not
+# -ffast-math: gcc then links crtfastmath.o, which turns on flush-to-zero for the whole process.
+# No contraction into FMAs: the bf16 rounding steps must match torch's.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=off",
+         "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+MAX_GROUP, MAX_HEAD_DIM = 16, 256   # as in the C source
+_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """LLMSERVE_CACHE_DIR, else $XDG_CACHE_HOME/llmserve, else ~/.cache/llmserve."""
+    root = os.environ.get("LLMSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmserve")
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the kernel (unless a build for this source/flags/CPU exists); returns the .so."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES),
+                                      " ".join(FLAGS).encode(), compiler.encode(),
+                                      _cpu_signature().encode()])).hexdigest()
+    target = cache_dir() / f"llmserve_cpu-{key[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on kernels/csrc:\n{result.stderr[-2000:]}")
+        os.replace(built, target)   # atomic: concurrent builders agree on the result
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library, or None (logged once) where it cannot be built or is disabled."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    lib = None
+    if os.environ.get("LLMSERVE_NATIVE", "1") == "0":
+        log.info("native CPU attention disabled by LLMSERVE_NATIVE=0; using SDPA")
+    elif not sys.platform.startswith("linux"):
+        log.info("native CPU attention is built on Linux only; using SDPA")
+    else:
+        try:
+            lib = ctypes.CDLL(str(build()))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            log.warning("native CPU attention unavailable (%s); using SDPA", error)
+            lib = None
+    _state["lib"] = lib
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.pool_attention.restype = i32
+    lib.pool_attention.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i32, ptr, i64, ptr, ptr,
+                                   i32, i32, i32, i32, f32, ptr]
+    lib.rms_norm.restype = None
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
+    lib.rope.restype = None
+    lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i32]
+
+
+def elementwise_ok(*tensors: Tensor | None) -> bool:
+    """All given tensors on CPU, of one supported dtype."""
+    present = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and \
+        present[0].dtype in _DTYPES
+
+
+def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float,
+             residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """As kernels.reference.rms_norm: (normed * weight, x + residual) in one pass."""
+    # x, residual: [rows, hidden]; weight: [hidden]
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x) if residual is not None else x
+    lib.rms_norm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                 weight.contiguous().data_ptr(), out.data_ptr(),
+                 summed.data_ptr() if residual is not None else None, x.shape[0], x.shape[1],
+                 eps, _DTYPES[x.dtype])
+    return out, summed
+
+
+def rope(lib: ctypes.CDLL, x: Tensor, positions: Tensor, cos_sin: Tensor) -> None:
+    """Rotate x [tokens, heads, head_dim] (unit last stride) in place by fp32 cos_sin rows."""
+    if x.stride(2) != 1 or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        raise ValueError("rope: x needs a unit last stride and cos_sin contiguous float32")
+    positions = positions.to(torch.int64).contiguous()
+    lib.rope(x.data_ptr(), x.stride(0), x.stride(1), x.shape[0], x.shape[1], x.shape[2],
+             cos_sin.data_ptr(), positions.data_ptr(), _DTYPES[x.dtype])
+
+
+def supports(q: Tensor, k_cache: Tensor) -> bool:
+    """Whether pool_attention handles these tensors (CPU, bf16/fp32, sizes within the limits)."""
+    q_heads, kv_heads, head_dim = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    return (q.device.type == "cpu" and k_cache.dtype in _DTYPES and q.dtype == k_cache.dtype
+            and q_heads % kv_heads == 0 and q_heads // kv_heads <= MAX_GROUP
+            and head_dim <= MAX_HEAD_DIM and q.stride(2) == 1 and k_cache.stride(2) == 1)
+
+
+def pool_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   req_to_token: Tensor, slots: Tensor, seq_lens: Tensor,
+                   scale: float) -> Tensor:
+    """Query token t attends to the first seq_lens[t] tokens of request slots[t]; fp32 out."""
+    # q: [tokens, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]; slots, seq_lens: [tokens]
+    tokens, q_heads, head_dim = q.shape
+    if k_cache.stride() != v_cache.stride() or req_to_token.stride(1) != 1:
+        raise ValueError("k_cache and v_cache must share strides; req_to_token rows contiguous")
+    slots = slots.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    if seq_lens.numel() and int(seq_lens.max()) > req_to_token.shape[1]:
+        raise ValueError(f"a seq_len exceeds req_to_token's width ({req_to_token.shape[1]})")
+    out = torch.empty((tokens, q_heads, head_dim), dtype=torch.float32)
+    status = lib.pool_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), _DTYPES[k_cache.dtype], req_to_token.data_ptr(),
+        req_to_token.stride(0), slots.data_ptr(), seq_lens.data_ptr(), tokens, q_heads,
+        k_cache.shape[1], head_dim, scale, out.data_ptr())
+    if status != 0:
+        raise RuntimeError("pool_attention: unsupported sizes or out of memory")
+    return out
+
+
+if __name__ == "__main__":
+    print(build())

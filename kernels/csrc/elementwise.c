@@ -1,0 +1,108 @@
+/* RMSNorm(+residual) and RoPE for the CPU serving path, one pass over memory each.
+ * (SiLU*up stays in torch: its vector exp beat this file's by 5x here.)
+ *
+ * They round exactly where the torch versions in kernels/cpu_ops.py round (every bf16 torch op
+ * computes in fp32 and rounds its result to bf16), so a bf16 model gets the same numbers.
+ * Built with -ffp-contract=off: no fused multiply-adds that torch would not do either; and
+ * with reassociation allowed, so the sums vectorize (they may add in another order).
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* below this many elements a call stays on one thread (OpenMP start-up costs more) */
+#define PARALLEL_MIN_ELEMENTS 32768
+
+static inline float bf16_load(const uint16_t *p) {
+    union { uint32_t u; float f; } value;
+    value.u = (uint32_t)*p << 16;
+    return value.f;
+}
+
+/* float -> bf16 bits, round to nearest even (NaN stays NaN) */
+static inline uint16_t bf16_bits(float f) {
+    union { uint32_t u; float f; } value;
+    value.f = f;
+    if ((value.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((value.u >> 16) | 0x40u);
+    value.u += 0x7fffu + ((value.u >> 16) & 1u);
+    return (uint16_t)(value.u >> 16);
+}
+
+/* the value a bf16 tensor would hold after storing f */
+static inline float bf16_round(float f) {
+    union { uint32_t u; float f; } value;
+    value.u = (uint32_t)bf16_bits(f) << 16;
+    return value.f;
+}
+
+/* Each kernel is written once as a macro over the element type, then stamped out for fp32 and
+ * bf16, so the inner loops have no dtype branch and vectorize. LOAD(p, i) widens to fp32,
+ * STORE(p, i, f) narrows (rounding to nearest even for bf16), ROUND(f) is the value a tensor
+ * of that dtype would hold after storing f. */
+#define F32_LOAD(p, i) (((const float *)(p))[i])
+#define F32_STORE(p, i, f) (((float *)(p))[i] = (f))
+#define F32_ROUND(f) (f)
+#define BF16_LOAD(p, i) bf16_load((const uint16_t *)(p) + (i))
+#define BF16_STORE(p, i, f) (((uint16_t *)(p))[i] = bf16_bits(f))
+#define BF16_ROUND(f) bf16_round(f)
+
+/* out = (s * rsqrt(mean(s^2) + eps)) * weight with s = x (+ residual), also written to sum_out.
+ * All tensors [rows, hidden] contiguous, weight [hidden]; residual and sum_out may be NULL. */
+#define DEFINE_RMS_NORM(NAME, LOAD, STORE, ROUND)                                              \
+static void NAME(const void *x, const void *residual, const void *weight, void *out,          \
+                 void *sum_out, int64_t rows, int64_t hidden, float eps) {                     \
+    _Pragma("omp parallel for if (rows * hidden >= PARALLEL_MIN_ELEMENTS)")                     \
+    for (int64_t r = 0; r < rows; r++) {                                                       \
+        const int64_t base = r * hidden;                                                       \
+        const void *src = x;                                                                   \
+        if (residual) {                                                                        \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < hidden; i++)                                               \
+                STORE(sum_out, base + i, LOAD(x, base + i) + LOAD(residual, base + i));         \
+            src = sum_out;                                                                     \
+        }                                                                                      \
+        float squares = 0.0f;                                                                  \
+        _Pragma("omp simd reduction(+:squares)")                                               \
+        for (int64_t i = 0; i < hidden; i++) squares += LOAD(src, base + i) * LOAD(src, base + i); \
+        const float inv = 1.0f / sqrtf(squares / (float)hidden + eps);                         \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = 0; i < hidden; i++)                                                   \
+            STORE(out, base + i, ROUND(LOAD(src, base + i) * inv) * LOAD(weight, i));          \
+    }                                                                                          \
+}
+DEFINE_RMS_NORM(rms_norm_f32, F32_LOAD, F32_STORE, F32_ROUND)
+DEFINE_RMS_NORM(rms_norm_bf16, BF16_LOAD, BF16_STORE, BF16_ROUND)
+
+void rms_norm(const void *x, const void *residual, const void *weight, void *out, void *sum_out,
+              int64_t rows, int64_t hidden, float eps, int is_bf16) {
+    (is_bf16 ? rms_norm_bf16 : rms_norm_f32)(x, residual, weight, out, sum_out, rows, hidden, eps);
+}
+
+/* Neox rotation in place of x [tokens, heads, head_dim] (token/head strides in elements, unit
+ * last stride) by the fp32 table cos_sin [max_positions, head_dim] (cos | sin) at positions. */
+#define DEFINE_ROPE(NAME, LOAD, STORE, ROUND)                                                  \
+static void NAME(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens,           \
+                 int64_t heads, int64_t head_dim, const float *cos_sin, const int64_t *positions) { \
+    const int64_t half = head_dim / 2;                                                         \
+    _Pragma("omp parallel for if (tokens * heads * head_dim >= PARALLEL_MIN_ELEMENTS)")         \
+    for (int64_t t = 0; t < tokens; t++) {                                                     \
+        const float *table = cos_sin + positions[t] * head_dim;                                \
+        for (int64_t h = 0; h < heads; h++) {                                                  \
+            const int64_t base = t * token_stride + h * head_stride;                           \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < half; i++) {                                               \
+                const float c = ROUND(table[i]), s = ROUND(table[half + i]);                   \
+                const float first = LOAD(x, base + i), second = LOAD(x, base + half + i);      \
+                STORE(x, base + i, ROUND(first * c) - ROUND(second * s));                      \
+                STORE(x, base + half + i, ROUND(second * c) + ROUND(first * s));               \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+DEFINE_ROPE(rope_f32, F32_LOAD, F32_STORE, F32_ROUND)
+DEFINE_ROPE(rope_bf16, BF16_LOAD, BF16_STORE, BF16_ROUND)
+
+void rope(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens, int64_t heads,
+          int64_t head_dim, const float *cos_sin, const int64_t *positions, int is_bf16) {
+    (is_bf16 ? rope_bf16 : rope_f32)(x, token_stride, head_stride, tokens, heads, head_dim,
+                                     cos_sin, positions);
+}

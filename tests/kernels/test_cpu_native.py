@@ -1,0 +1,138 @@
+"""The C kernels of the CPU path (kernels/csrc) against the torch code they replace."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_native, cpu_ops, reference
+from tests.kernels.helpers import assert_close, make_pool_batch, naive_decode, naive_prefill
+
+LIB = cpu_native.load()
+needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler here: the SDPA path is used")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def torch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu_ops without the C kernels (as on a machine with no compiler)."""
+    monkeypatch.setitem(cpu_native._state, "lib", None)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_equals_reference(dtype: torch.dtype, with_residual: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(37, 576, dtype=dtype) * 3
+    residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
+    weight = torch.randn(576, dtype=dtype)
+    out, summed = cpu_native.rms_norm(LIB, x, weight, 1e-5, residual)
+    ref_out, ref_summed = reference.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(summed, ref_summed)
+    # bf16: the same roundings; only the fp32 sum of squares may differ in its last bits
+    tol = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    mismatched = (out.float() - ref_out.float()).abs() > 0
+    if dtype == torch.bfloat16:
+        assert mismatched.float().mean() < 0.002
+        torch.testing.assert_close(out, ref_out, atol=0.07, rtol=0.01)
+    else:
+        torch.testing.assert_close(out, ref_out, **tol)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_equals_torch_rotation_on_views(dtype: torch.dtype, monkeypatch) -> None:
+    torch.manual_seed(2)
+    qkv = torch.randn(19, (8 + 2 * 2) * 64, dtype=dtype)
+    positions = torch.randint(0, 500, (19,))
+    table = reference.build_rope_cache(64, 512, 10000.0, None, torch.device("cpu"))
+    expected = qkv.clone()
+    monkeypatch.setitem(cpu_native._state, "lib", None)
+    cpu_ops.apply_rope(expected[:, :512].view(19, 8, 64), expected[:, 512:640].view(19, 2, 64),
+                       positions, table)
+    monkeypatch.setitem(cpu_native._state, "lib", LIB)
+    cpu_ops.apply_rope(qkv[:, :512].view(19, 8, 64), qkv[:, 512:640].view(19, 2, 64),
+                       positions, table)
+    assert torch.equal(qkv, expected)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"),
+                         [(6, 2, 64), (4, 4, 128), (8, 1, 48), (16, 1, 32)])
+def test_pool_attention_decode_matches_naive(dtype, q_heads, kv_heads, head_dim) -> None:
+    """head_dim 64/128 take the vector path, others the generic one; seq_len 0 gives zeros."""
+    torch.manual_seed(3)
+    pb = make_pool_batch([0] * 4, [1, 9, 70, 3], kv_heads, head_dim, dtype, torch.device("cpu"))
+    qkv = torch.randn(4, (q_heads + 2) * head_dim, dtype=dtype)
+    q = qkv[:, :q_heads * head_dim].view(4, q_heads, head_dim)   # a strided view, as in the model
+    out = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                    pb.seq_lens, head_dim ** -0.5)
+    assert out.dtype == torch.float32
+    assert_close(out, naive_decode(q, pb, head_dim ** -0.5), dtype)
+    empty = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                      torch.zeros(4, dtype=torch.int32), 0.1)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+@needs_lib
+def test_pool_attention_rejects_what_it_cannot_do() -> None:
+    pb = make_pool_batch([0], [4], 1, 64, torch.float32, torch.device("cpu"))
+    q = torch.randn(1, 32, 64)   # group 32 > 16
+    assert not cpu_native.supports(q, pb.k_cache)
+    with pytest.raises(RuntimeError, match="unsupported"):
+        cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                  pb.seq_lens, 0.1)
+    with pytest.raises(ValueError, match="width"):
+        cpu_native.pool_attention(LIB, q[:, :4], pb.k_cache, pb.v_cache, pb.req_to_token,
+                                  pb.slots, torch.tensor([10_000], dtype=torch.int32), 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_fallback_gives_the_same_model_ops(dtype: torch.dtype, torch_only) -> None:
+    """Without the C kernels cpu_ops still computes attention (SDPA / grouped matmuls)."""
+    torch.manual_seed(4)
+    pb = make_pool_batch([0, 3], [5, 40], 2, 64, dtype, torch.device("cpu"))
+    q = torch.randn(2, 6, 64, dtype=dtype)
+    out = cpu_ops.decode_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                   pb.seq_lens, 0.125, 43)
+    assert_close(out, naive_decode(q, pb, 0.125), dtype)
+    qp = torch.randn(45, 6, 64, dtype=dtype)
+    out = cpu_ops.prefill_attention(qp, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                    pb.prefix_lens, pb.cu_new_lens, 40, 0.125)
+    assert_close(out, naive_prefill(qp, pb, 0.125), dtype)
+    x = torch.randn(3, 64, dtype=dtype)
+    w = torch.randn(64, dtype=dtype)
+    assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6)[0], reference.rms_norm(x, w, 1e-6)[0])
+
+
+def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path))
+    if cpu_native._compiler() is not None:
+        first = cpu_native.build()
+        stamp = first.stat().st_mtime_ns
+        assert cpu_native.build() == first and first.stat().st_mtime_ns == stamp
+        assert first.parent == tmp_path / "native"
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.delitem(cpu_native._state, "lib", raising=False)
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
+        assert cpu_native.load() is None
+    assert "unavailable" in caplog.text
+    monkeypatch.setenv("LLMSERVE_NATIVE", "0")
+    monkeypatch.delitem(cpu_native._state, "lib")
+    assert cpu_native.load() is None
+
+
+def test_loading_the_library_keeps_subnormal_floats() -> None:
+    """A -ffast-math build would set flush-to-zero for the whole process (torch included)."""
+    import sys
+
+    cpu_native.load()
+    tiny = sys.float_info.min / 4
+    assert tiny > 0.0
+    assert torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0
