@@ -113,7 +113,9 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token:
     slot_list, prefix_list, cu_list = slots.tolist(), prefix_lens.tolist(), cu_new_lens.tolist()
     chunks = [(cu_list[b], cu_list[b + 1] - cu_list[b], prefix_list[b], slot_list[b])
               for b in range(len(slot_list)) if cu_list[b + 1] > cu_list[b]]
-    for group in _groups(chunks, q.shape[1]):
+    # fp32 is the exact-parity mode: every chunk through SDPA, as transformers computes it
+    groups = [[c] for c in chunks] if q.dtype == torch.float32 else _groups(chunks, q.shape[1])
+    for group in groups:
         if len(group) == 1:
             _attend_one(out, q, k_cache, v_cache, req_to_token, group[0], scale)
         else:

@@ -129,8 +129,24 @@ def test_prefill_groups_respect_the_score_cap(monkeypatch: pytest.MonkeyPatch) -
             assert len(group) * 4 * max_new * max_ctx <= cpu_ops.GROUP_MAX_SCORES
     assert len(small) > len(groups)
     torch.manual_seed(4)
-    pb = make_pool_batch([0, 4, 0, 2, 0], [10, 12, 3, 9, 11], 2, 16, torch.float32, CPU)
-    q = torch.randn(45, 4, 16)
+    pb = make_pool_batch([0, 4, 0, 2, 0], [10, 12, 3, 9, 11], 2, 16, torch.bfloat16, CPU)
+    q = torch.randn(45, 4, 16, dtype=torch.bfloat16)
     out = cpu_ops.prefill_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                     pb.prefix_lens, pb.cu_new_lens, 12, 0.25)
-    assert_close(out, naive_prefill(q, pb, 0.25), torch.float32)
+    assert_close(out, naive_prefill(q, pb, 0.25), torch.bfloat16)
+
+
+def test_fp32_prefill_is_exactly_one_sdpa_per_chunk() -> None:
+    """fp32 (the parity mode) must not depend on which chunks share a step."""
+    torch.manual_seed(5)
+    pb = make_pool_batch([0, 0, 3], [9, 14, 6], 2, 16, torch.float32, CPU)
+    q = torch.randn(29, 4, 16)
+    together = cpu_ops.prefill_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                         pb.prefix_lens, pb.cu_new_lens, 14, 0.25)
+    for b in range(3):
+        start, end = int(pb.cu_new_lens[b]), int(pb.cu_new_lens[b + 1])
+        alone = cpu_ops.prefill_attention(q[start:end], pb.k_cache, pb.v_cache, pb.req_to_token,
+                                          pb.slots[b:b + 1], pb.prefix_lens[b:b + 1],
+                                          torch.tensor([0, end - start], dtype=torch.int32),
+                                          end - start, 0.25)
+        assert torch.equal(together[start:end], alone)
