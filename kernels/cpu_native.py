@@ -25,7 +25,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("pool_attention.c", "elementwise.c")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("pool_attention.c", "elementwise.c")]
+HEADERS = [CSRC / "vec16.h"]
 # vector sums need reassociation (-fassociative-math and the two flags it requires); not
 # -ffast-math: gcc then links crtfastmath.o, which turns on flush-to-zero for the whole process.
 # No contraction into FMAs: the bf16 rounding steps must match torch's.
@@ -61,7 +63,7 @@ def build(compiler: str | None = None) -> Path:
     compiler = compiler or _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS),
                                       " ".join(FLAGS).encode(), compiler.encode(),
                                       _cpu_signature().encode()])).hexdigest()
     target = cache_dir() / f"llmserve_cpu-{key[:16]}.so"
@@ -107,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
     lib.rope.restype = None
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.silu_and_mul.restype = None
+    lib.silu_and_mul.argtypes = [ptr, i64, ptr, i64, i64, i32]
 
 
 def elementwise_ok(*tensors: Tensor | None) -> bool:
@@ -138,6 +142,17 @@ def rope(lib: ctypes.CDLL, x: Tensor, positions: Tensor, cos_sin: Tensor) -> Non
     positions = positions.to(torch.int64).contiguous()
     lib.rope(x.data_ptr(), x.stride(0), x.stride(1), x.shape[0], x.shape[1], x.shape[2],
              cos_sin.data_ptr(), positions.data_ptr(), _DTYPES[x.dtype])
+
+
+def silu_and_mul(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """As kernels.reference.silu_and_mul in x's dtype: [rows, 2 * inter] -> [rows, inter]."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
+        raise ValueError(f"silu_and_mul: x must be [rows, 2 * inter] with a unit last stride, "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")
+    rows, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=x.dtype)
+    lib.silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter, _DTYPES[x.dtype])
+    return out
 
 
 def supports(q: Tensor, k_cache: Tensor) -> bool:

@@ -1,18 +1,18 @@
 """The CPU serving path: ops shaped for CPU speed, each tested against its twin in
 kernels.reference (the oracle, which stays the simplest correct version).
 
-Where the C kernels of kernels.cpu_native are built (a C compiler is there), decode attention,
-RoPE and RMSNorm of up to NATIVE_RMS_NORM_MAX_ROWS rows run in them; otherwise in torch.
+Where the C kernels of kernels.cpu_native are built (a C compiler is there), attention, RoPE,
+RMSNorm and SiLU*up run in them; otherwise in torch.
 Differences from the reference, all measured on the 2-core AMD EPYC this was built on:
 - RoPE and SiLU*up run in the model's dtype, as transformers does (a bf16 model rotates in bf16);
-  for fp32 models the numbers are the reference's.
-- Decode attention reads K/V rows where they lie in the pool (C kernel; batch 1: 0.15 -> 0.05 ms
-  per layer, batch 32: ~0.9 -> ~0.65 ms in the engine). Without it: SDPA in the pool's dtype on
-  gathered K/V (its CPU kernel accumulates in fp32), no fp32 copies.
-- Prefill attention pads chunks of similar length into groups and runs each group as batched
-  matrix products (Q.K^T in fp32, P.V in the pool's dtype) instead of one SDPA call per request.
-  21 prompts of 96 tokens, bf16: ~15 -> ~4 ms per layer. Long chunks go one at a time through
-  SDPA, whose memory stays linear in the chunk length.
+  for fp32 models the numbers are the reference's (SiLU's exp within 2 ulp).
+- Attention reads K/V rows where they lie in the pool (C kernel), decode and prefill alike: each
+  new token of a prefill chunk is a query over its prefix and itself. 32 requests x ~160 keys,
+  bf16: ~0.9 -> ~0.3 ms per layer in the engine (memory-bound now); the prefill of 32 prompts
+  of ~100 tokens: ~20 -> ~5 ms per layer.
+- Without the C kernels: decode attention is SDPA in the pool's dtype on gathered K/V; prefill
+  pads chunks of similar length into groups run as batched matrix products (Q.K^T in fp32, P.V
+  in the pool's dtype) for bf16, one SDPA call per chunk for fp32; long chunks go one at a time.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from kernels.reference import build_rope_cache, store_kv
 __all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "silu_and_mul",
            "decode_attention", "prefill_attention"]
 
-# up to this many rows the C RMSNorm wins (3-4x at 1-32 rows); above it torch's is as fast
-NATIVE_RMS_NORM_MAX_ROWS = 256
 # a prefill chunk longer than this attends alone (SDPA), not in a padded group
 GROUP_MAX_NEW_TOKENS = 256
 # cap on one group's fp32 score tensor: requests * q_heads * max_new * max_ctx elements
@@ -37,8 +35,7 @@ GROUP_MAX_SCORES = 1 << 23
 def rms_norm(x: Tensor, weight: Tensor, eps: float,
              residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """RMSNorm with optional fused residual add; returns (normed * weight, new residual)."""
-    small = x.shape[0] <= NATIVE_RMS_NORM_MAX_ROWS
-    lib = cpu_native.load() if small and cpu_native.elementwise_ok(x, weight, residual) else None
+    lib = cpu_native.load() if cpu_native.elementwise_ok(x, weight, residual) else None
     if lib is not None:
         return cpu_native.rms_norm(lib, x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
@@ -66,6 +63,9 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None
 
 def silu_and_mul(x: Tensor) -> Tensor:
     """[tokens, 2 * inter] (gate | up) -> [tokens, inter] = silu(gate) * up, in x's dtype."""
+    lib = cpu_native.load() if cpu_native.elementwise_ok(x) and x.stride(-1) == 1 else None
+    if lib is not None:
+        return cpu_native.silu_and_mul(lib, x)
     inter = x.shape[-1] // 2
     return F.silu(x[:, :inter]) * x[:, inter:]
 
@@ -109,6 +109,16 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token:
                       scale: float) -> Tensor:
     """Causal GQA attention of a flat batch of new tokens over cached prefix + themselves."""
     # q: [total_new, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
+    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
+    if lib is not None and q.shape[0]:
+        # every new token is a query of its own: token i of a chunk sees prefix + i + 1 keys
+        new_lens = cu_new_lens[1:] - cu_new_lens[:-1]  # [batch]
+        token_slots = slots.repeat_interleave(new_lens)  # [total_new]
+        within = torch.arange(q.shape[0], device=q.device) - cu_new_lens[:-1].repeat_interleave(
+            new_lens)
+        visible = prefix_lens.repeat_interleave(new_lens) + within + 1
+        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, token_slots,
+                                         visible, scale).to(q.dtype)
     out = torch.empty_like(q)
     slot_list, prefix_list, cu_list = slots.tolist(), prefix_lens.tolist(), cu_new_lens.tolist()
     chunks = [(cu_list[b], cu_list[b + 1] - cu_list[b], prefix_list[b], slot_list[b])

@@ -63,11 +63,15 @@ def test_rope_equals_torch_rotation_on_views(dtype: torch.dtype, monkeypatch) ->
 @needs_lib
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"),
-                         [(6, 2, 64), (4, 4, 128), (8, 1, 48), (16, 1, 32)])
-def test_pool_attention_decode_matches_naive(dtype, q_heads, kv_heads, head_dim) -> None:
-    """head_dim 64/128 take the vector path, others the generic one; seq_len 0 gives zeros."""
+                         [(6, 2, 64), (4, 4, 128), (8, 1, 64), (10, 2, 128), (8, 1, 48),
+                          (16, 1, 32), (12, 1, 64)])
+@pytest.mark.parametrize("seq_lens", [[1, 9, 70, 3], [16, 300, 17, 33]])
+def test_pool_attention_decode_matches_naive(dtype, q_heads, kv_heads, head_dim,
+                                             seq_lens) -> None:
+    """Groups 1-8 at head_dim 64/128 take the vector path (blocks of 16 keys, partial last
+    block), the rest the generic one; seq_len 0 gives zeros."""
     torch.manual_seed(3)
-    pb = make_pool_batch([0] * 4, [1, 9, 70, 3], kv_heads, head_dim, dtype, torch.device("cpu"))
+    pb = make_pool_batch([0] * 4, seq_lens, kv_heads, head_dim, dtype, torch.device("cpu"))
     qkv = torch.randn(4, (q_heads + 2) * head_dim, dtype=dtype)
     q = qkv[:, :q_heads * head_dim].view(4, q_heads, head_dim)   # a strided view, as in the model
     out = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
@@ -77,6 +81,44 @@ def test_pool_attention_decode_matches_naive(dtype, q_heads, kv_heads, head_dim)
     empty = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                       torch.zeros(4, dtype=torch.int32), 0.1)
     assert torch.equal(empty, torch.zeros_like(empty))
+
+
+@needs_lib
+def test_pool_attention_softmax_survives_large_and_tied_scores() -> None:
+    """Scores far apart (terms under e^-80 of the peak vanish) and all-equal scores."""
+    pb = make_pool_batch([0, 0], [40, 40], 1, 64, torch.float32, torch.device("cpu"))
+    pb.k_cache.normal_().mul_(30.0)
+    q = torch.randn(2, 2, 64) * 30.0
+    out = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                    pb.seq_lens, 0.125)
+    assert torch.isfinite(out).all()
+    assert_close(out, naive_decode(q, pb, 0.125), torch.float32)
+    pb.k_cache.zero_()
+    out = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                    pb.seq_lens, 0.125)
+    assert_close(out, naive_decode(q, pb, 0.125), torch.float32)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [1536, 37])
+def test_silu_and_mul_equals_torch(dtype: torch.dtype, inter: int) -> None:
+    """bf16: torch's roundings (silu rounded to bf16, then the product); fp32: within 2 ulp.
+    37 leaves a partial vector at the end of each row; the input is a strided view."""
+    torch.manual_seed(5)
+    wide = torch.randn(33, 2 * inter + 8, dtype=dtype) * 4
+    wide[0, :8] = torch.tensor([0.0, -0.0, 90.0, -90.0, 1e-3, -1e-3, 20.0, -20.0])
+    x = wide[:, :2 * inter]
+    out = cpu_native.silu_and_mul(LIB, x)
+    expected = F.silu(x[:, :inter]) * x[:, inter:]
+    assert out.shape == expected.shape and out.dtype == dtype
+    if dtype == torch.bfloat16:   # an exp 1 ulp off may still flip a rounding, rarely
+        assert ((out.float() - expected.float()).abs() > 0).float().mean() < 0.002
+        torch.testing.assert_close(out, expected, atol=0.02, rtol=0.008)
+    else:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=3e-7)
+    with pytest.raises(ValueError, match="unit last stride"):
+        cpu_native.silu_and_mul(LIB, wide.t())
 
 
 @needs_lib
