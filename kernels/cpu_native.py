@@ -115,9 +115,13 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def elementwise_ok(*tensors: Tensor | None) -> bool:
     """All given tensors on CPU, of one supported dtype."""
-    present = [t for t in tensors if t is not None]
-    return all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and \
-        present[0].dtype in _DTYPES
+    dtype = tensors[0].dtype   # type: ignore[union-attr]
+    if dtype not in _DTYPES:
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
+            return False
+    return True
 
 
 def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float,
@@ -164,18 +168,21 @@ def supports(q: Tensor, k_cache: Tensor) -> bool:
 
 
 def pool_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   req_to_token: Tensor, slots: Tensor, seq_lens: Tensor,
-                   scale: float) -> Tensor:
-    """Query token t attends to the first seq_lens[t] tokens of request slots[t]; fp32 out."""
+                   req_to_token: Tensor, slots: Tensor, seq_lens: Tensor, scale: float,
+                   longest: int | None = None) -> Tensor:
+    """Query token t attends to the first seq_lens[t] tokens of request slots[t]; out in q's
+    dtype. `longest` (max of seq_lens) saves recomputing it where the caller has it."""
     # q: [tokens, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]; slots, seq_lens: [tokens]
     tokens, q_heads, head_dim = q.shape
     if k_cache.stride() != v_cache.stride() or req_to_token.stride(1) != 1:
         raise ValueError("k_cache and v_cache must share strides; req_to_token rows contiguous")
     slots = slots.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    if seq_lens.numel() and int(seq_lens.max()) > req_to_token.shape[1]:
+    if longest is None:
+        longest = int(seq_lens.max()) if tokens else 0
+    if longest > req_to_token.shape[1]:
         raise ValueError(f"a seq_len exceeds req_to_token's width ({req_to_token.shape[1]})")
-    out = torch.empty((tokens, q_heads, head_dim), dtype=torch.float32)
+    out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype)
     status = lib.pool_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), _DTYPES[k_cache.dtype], req_to_token.data_ptr(),

@@ -76,13 +76,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     must be >= max(seq_lens)); requests with seq_len 0 get zeros."""
     # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
     batch, q_heads, head_dim = q.shape
-    if batch and seq_lens.device.type == "cpu" and int(seq_lens.max()) > max_seq_len:
+    longest = int(seq_lens.max()) if batch and seq_lens.device.type == "cpu" else 0
+    if longest > max_seq_len:
         raise ValueError(f"max_seq_len ({max_seq_len}) must be >= the longest seq_len "
-                         f"({int(seq_lens.max())})")
+                         f"({longest})")
     lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
     if lib is not None:
         return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
-                                         seq_lens, scale).to(q.dtype)
+                                         seq_lens, scale, longest)
     return _decode_sdpa(q, k_cache, v_cache, req_to_token, slots, seq_lens, scale, max_seq_len)
 
 
@@ -118,7 +119,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token:
             new_lens)
         visible = prefix_lens.repeat_interleave(new_lens) + within + 1
         return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, token_slots,
-                                         visible, scale).to(q.dtype)
+                                         visible, scale)
     out = torch.empty_like(q)
     slot_list, prefix_list, cu_list = slots.tolist(), prefix_lens.tolist(), cu_new_lens.tolist()
     chunks = [(cu_list[b], cu_list[b + 1] - cu_list[b], prefix_list[b], slot_list[b])

@@ -37,6 +37,25 @@ static inline void load_row(const void *base, int64_t offset, int is_bf16, int h
     }
 }
 
+/* n fp32 values to out + offset (elements) in the output dtype (bf16: round to nearest even) */
+static inline void store_row(const float *values, void *out, int64_t offset, int is_bf16, int n) {
+    int i = 0;
+    if (is_bf16) {
+        for (; i + 16 <= n; i += 16) {
+            v16f block;
+            memcpy(&block, values + i, sizeof(block));
+            store16(out, offset + i, 1, block);
+        }
+        for (; i < n; i++) {   /* head_dim not a multiple of 16: the rest one at a time */
+            v16f one = splat(values[i]);
+            const v16h half = narrow16(one);
+            ((uint16_t *)out)[offset + i] = half[0];
+        }
+    } else {
+        memcpy((float *)out + offset, values, sizeof(float) * (size_t)n);
+    }
+}
+
 /* softmax of s[0 .. n) in place; returns the sum of the exponentials (0 when n == 0) */
 static inline float softmax_unnormalized(float *s, int n) {
     float peak = -INFINITY;
@@ -84,7 +103,7 @@ static void attend_item_any(const float *query, const void *k_cache, const void 
  * multiply-added into group x CH register accumulators. */
 #define MAX_VEC_GROUP 8
 #define KEY_BLOCK 16
-#define PREFETCH_KEYS 8
+#define PREFETCH_KEYS 16   /* measured: 8-48 alike; into L2 (locality 1) beat L1 by ~1.4x */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline v16f madd(v16f a, v16f b, v16f c) {
@@ -202,8 +221,8 @@ static inline __attribute__((always_inline)) void attend_item_vec(
             if (j + PREFETCH_KEYS < n_keys) {   /* both rows of a key a few keys ahead */
                 const int64_t ahead = ((int64_t)rows[j + PREFETCH_KEYS] * row_stride + head_offset) * elem;
                 for (int byte = 0; byte < row_bytes; byte += 64) {
-                    __builtin_prefetch((const char *)k_cache + ahead + byte);
-                    __builtin_prefetch((const char *)v_cache + ahead + byte);
+                    __builtin_prefetch((const char *)k_cache + ahead + byte, 0, 1);
+                    __builtin_prefetch((const char *)v_cache + ahead + byte, 0, 1);
                 }
             }
             dot_key(G, CH, bf16_dot, query, k_cache, is_bf16,
@@ -292,7 +311,7 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
                    const int32_t *slots,       /* [tokens] table row of each query token */
                    const int32_t *seq_lens,    /* [tokens] visible keys of each query token */
                    int tokens, int q_heads, int kv_heads, int head_dim, float scale,
-                   float *out)                 /* [tokens, q_heads, head_dim] fp32 */
+                   void *out)                  /* [tokens, q_heads, head_dim], q's dtype */
 {
     const int group = q_heads / kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || group * kv_heads != q_heads) return -1;
@@ -308,6 +327,7 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
         float *scores = (float *)malloc(sizeof(float) * scratch);
         float query[MAX_GROUP * MAX_HEAD_DIM];          /* fp32, pre-scaled */
         uint16_t query_bf16[MAX_GROUP * MAX_HEAD_DIM];  /* as stored, for bf16_dot */
+        float result[MAX_GROUP * MAX_HEAD_DIM];         /* one item's output heads, fp32 */
         if (scores == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -316,10 +336,11 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
         for (int64_t item = 0; item < (int64_t)tokens * kv_heads; item++) {
             if (scores == NULL) continue;
             const int t = (int)(item / kv_heads), h = (int)(item % kv_heads);
-            float *dst = out + ((int64_t)t * q_heads + (int64_t)h * group) * head_dim;
+            const int64_t dst = ((int64_t)t * q_heads + (int64_t)h * group) * head_dim;
             const int n_keys = seq_lens[t];
             if (n_keys <= 0) {
-                memset(dst, 0, sizeof(float) * (size_t)(group * head_dim));
+                memset((char *)out + dst * (is_bf16 ? 2 : 4), 0,
+                       (size_t)(group * head_dim) * (is_bf16 ? 2 : 4));
                 continue;
             }
             for (int g = 0; g < group; g++) {
@@ -337,10 +358,11 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
             if (vec != NULL)
                 vec(bf16_dot ? (const void *)query_bf16 : (const void *)query,
                     bf16_dot ? scale : 1.0f, k_cache, v_cache, is_bf16, row_stride, head_offset,
-                    rows, n_keys, scores, dst);
+                    rows, n_keys, scores, result);
             else
                 attend_item_any(query, k_cache, v_cache, is_bf16, row_stride, head_offset, rows,
-                                n_keys, group, head_dim, scores, dst);
+                                n_keys, group, head_dim, scores, result);
+            store_row(result, out, dst, is_bf16, group * head_dim);
         }
         free(scores);
     }

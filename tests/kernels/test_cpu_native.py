@@ -76,7 +76,7 @@ def test_pool_attention_decode_matches_naive(dtype, q_heads, kv_heads, head_dim,
     q = qkv[:, :q_heads * head_dim].view(4, q_heads, head_dim)   # a strided view, as in the model
     out = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                     pb.seq_lens, head_dim ** -0.5)
-    assert out.dtype == torch.float32
+    assert out.dtype == dtype
     assert_close(out, naive_decode(q, pb, head_dim ** -0.5), dtype)
     empty = cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                       torch.zeros(4, dtype=torch.int32), 0.1)
