@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine_svc.params import SamplingParams
+from kernels.cpu_ops import argmax_rows
 
 _NEG_INF = float("-inf")
 _NEUTRAL = SamplingParams()  # stands in for greedy rows while sampling; never mutated
@@ -60,7 +61,7 @@ class Sampler:
         any_penalty = any(p.has_penalties for p in params)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not any_penalty:
-            token_ids = raw.argmax(dim=-1)  # fast path: no sort, no per-row work
+            token_ids = argmax_rows(raw)  # fast path: no sort, no per-row work
         else:
             token_ids = self._choose(raw, params, generators, prompt_ids, output_ids)
         top_k = min(max((p.top_logprobs for p in params), default=0), self.vocab_size)

@@ -111,6 +111,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i32]
     lib.silu_and_mul.restype = None
     lib.silu_and_mul.argtypes = [ptr, i64, ptr, i64, i64, i32]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
 
 
 def elementwise_ok(*tensors: Tensor | None) -> bool:
@@ -156,6 +158,16 @@ def silu_and_mul(lib: ctypes.CDLL, x: Tensor) -> Tensor:
     rows, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty((rows, inter), dtype=x.dtype)
     lib.silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter, _DTYPES[x.dtype])
+    return out
+
+
+def argmax_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) for fp32 x [rows, cols] with a unit last stride (int64 [rows])."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] == 0:
+        raise ValueError(f"argmax_rows: x must be non-empty float32 [rows, cols] with a unit "
+                         f"last stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

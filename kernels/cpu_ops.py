@@ -24,7 +24,7 @@ from kernels import cpu_native, reference
 from kernels.reference import build_rope_cache, store_kv
 
 __all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "silu_and_mul",
-           "decode_attention", "prefill_attention"]
+           "decode_attention", "prefill_attention", "argmax_rows"]
 
 # a prefill chunk longer than this attends alone (SDPA), not in a padded group
 GROUP_MAX_NEW_TOKENS = 256
@@ -59,6 +59,15 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None
         new_second = second * cos + first * sin
         first.copy_(new_first)
         second.copy_(new_second)
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) for [rows, cols] logits; the C loop where it applies (torch's CPU argmax
+    is scalar: 0.66 ms for 32 x 49152 here, the C one ~0.05 ms)."""
+    ok = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+          and x.stride(-1) == 1 and x.shape[1] > 0)
+    lib = cpu_native.load() if ok else None
+    return cpu_native.argmax_rows(lib, x) if lib is not None else x.argmax(dim=-1)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:

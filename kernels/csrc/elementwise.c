@@ -148,3 +148,36 @@ void silu_and_mul(const void *x, int64_t row_stride, void *out, int64_t rows, in
                   int is_bf16) {
     (is_bf16 ? silu_and_mul_bf16 : silu_and_mul_f32)(x, row_stride, out, rows, inter);
 }
+
+/* out[r] = the first column of row r holding its maximum (a NaN counts as the maximum), as
+ * torch.argmax; x [rows, cols] fp32, rows row_stride apart. torch's CPU argmax is a scalar loop. */
+void argmax_rows(const float *x, int64_t row_stride, int64_t rows, int64_t cols, int64_t *out) {
+    #pragma omp parallel for if (rows * cols >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * row_stride;
+        const int64_t full = cols / 16 * 16;
+        v16f peak = splat(-INFINITY);
+        v16i nan_seen = (v16i){0};
+        for (int64_t i = 0; i < full; i += 16) {
+            v16f block;
+            memcpy(&block, row + i, sizeof(block));
+            nan_seen |= block != block;
+            peak = vmax(peak, block);
+        }
+        float best = max16(peak);
+        int any_nan = 0;
+        for (int i = 0; i < 16; i++) any_nan |= nan_seen[i] != 0;
+        for (int64_t i = full; i < cols; i++) {
+            any_nan |= row[i] != row[i];
+            best = row[i] > best ? row[i] : best;
+        }
+        int64_t index = 0;
+        for (int64_t i = 0; i < cols; i++) {
+            if (any_nan ? row[i] != row[i] : row[i] == best) {
+                index = i;
+                break;
+            }
+        }
+        out[r] = index;
+    }
+}

@@ -178,3 +178,22 @@ def test_loading_the_library_keeps_subnormal_floats() -> None:
     tiny = sys.float_info.min / 4
     assert tiny > 0.0
     assert torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0
+
+
+@needs_lib
+def test_argmax_rows_equals_torch_on_ties_nan_and_strided_rows() -> None:
+    torch.manual_seed(6)
+    wide = torch.randn(9, 1000)
+    x = wide[:, :997]   # rows 1000 apart, 997 = 62 vectors + 5 left over
+    x[1, 10] = x[1, 500] = x[1].max() + 1.0   # tie: the first wins
+    x[2, 996] = 50.0                          # maximum in the leftover tail
+    x[3, 7] = float("nan")                    # NaN counts as the maximum, as in torch
+    x[3, 700] = float("nan")
+    x[4].fill_(-float("inf"))
+    x[5, 0] = 1e30
+    x[6].fill_(0.0)
+    x[6, 3] = -0.0
+    assert torch.equal(cpu_native.argmax_rows(LIB, x), x.argmax(dim=-1))
+    assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.argmax_rows(LIB, x.double())
