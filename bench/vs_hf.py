@@ -151,6 +151,29 @@ def print_table(rows: list[dict]) -> None:
               f"{r['note']}")
 
 
+def ttft_overheads(rows: list[dict]) -> list[dict]:
+    """Per scenario and dtype: the service's TTFT p50 minus the in-process engine's (what
+    tokenizing, two gRPC hops and detokenizing add to a request's first token)."""
+    by_key = {(r["scenario"], r["dtype"], r["method"]): r for r in rows}
+    out = []
+    for (scenario, dtype, method), row in by_key.items():
+        engine = by_key.get((scenario, dtype, "engine"))
+        if method != "service" or engine is None:
+            continue
+        service_p50 = row["extra"].get("ttft_ms", {}).get("p50")
+        engine_p50 = engine["extra"].get("ttft_ms", {}).get("p50")
+        if service_p50 is None or engine_p50 is None:
+            continue
+        out.append({"scenario": scenario, "dtype": dtype, "engine_ttft_p50_ms": engine_p50,
+                    "service_ttft_p50_ms": service_p50,
+                    "overhead_p50_ms": service_p50 - engine_p50})
+    for o in out:
+        print(f"TTFT p50 {o['scenario']:16} {o['dtype']:9} engine {o['engine_ttft_p50_ms']:8.1f} ms"
+              f"  service {o['service_ttft_p50_ms']:8.1f} ms  overhead "
+              f"{o['overhead_p50_ms']:+.1f} ms")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               "scenarios": {s.name: {"requests": len(s.prompt_ids), "concurrent": s.concurrent,
                                      "prompt_tokens": [len(p) for p in s.prompt_ids]}
                             for s in scenarios},
-              "rows": rows}
+              "rows": rows, "ttft_overhead": ttft_overheads(rows)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

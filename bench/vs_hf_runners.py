@@ -142,18 +142,23 @@ def run_hf_batched(model_dir: Path, dtype: str, scenarios: list,
 
 
 # ---- this engine, in process ----------------------------------------------------------------
-def _drive(engine, prompts: list[list[int]], new_tokens: int, step_log: list) -> list[list[int]]:
-    """add every prompt, step until done; record (phase, seconds, batch) of each step."""
+def _drive(engine, prompts: list[list[int]], new_tokens: int, step_log: list,
+           ttft: list | None = None) -> list[list[int]]:
+    """add every prompt, step until done; record (phase, seconds, batch) of each step and, in
+    `ttft`, each request's seconds from add_request to its first token."""
     from engine_svc.params import SamplingParams, StoppingParams
 
     greedy = SamplingParams(temperature=0.0)
     stopping = StoppingParams(max_new_tokens=new_tokens, ignore_eos=True)
     ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    added = time.perf_counter()
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, greedy, stopping)
     outputs: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():
         for out in engine.step():
+            if ttft is not None and out.token_ids and not outputs[out.request_id]:
+                ttft.append(time.perf_counter() - added)
             outputs[out.request_id].extend(out.token_ids)
         stats = engine.last_step
         step_log.append((stats.phase, stats.duration_s, stats.batch_size))
@@ -181,19 +186,21 @@ def run_engine(model_dir: Path, dtype: str, scenarios: list, max_model_len: int,
     results = []
     for scenario in scenarios:
         step_log: list = []
+        ttft: list = []
         with OtherLoad() as load:
             start = time.perf_counter()
             if scenario.concurrent:
-                outputs = _drive(engine, scenario.prompt_ids, scenario.new_tokens, step_log)
+                outputs = _drive(engine, scenario.prompt_ids, scenario.new_tokens, step_log, ttft)
             else:
-                outputs = [_drive(engine, [p], scenario.new_tokens, step_log)[0]
+                outputs = [_drive(engine, [p], scenario.new_tokens, step_log, ttft)[0]
                            for p in scenario.prompt_ids]
             _sync(device)
             seconds = time.perf_counter() - start
         results.append(Measurement(scenario.name, "engine", dtype, len(scenario.prompt_ids),
                                    scenario.new_tokens, seconds, outputs=outputs,
                                    others_cores=load.others_cores,
-                                   extra=_step_summary(step_log)))
+                                   extra={**_step_summary(step_log),
+                                          "ttft_ms": summarize_ms(ttft)}))
     del engine
     return results
 

@@ -73,12 +73,30 @@ def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
             assert 0.0 <= row["agree_with_hf"] <= 1.0
     engine_rows = [r for r in rows if r["method"] == "engine"]
     assert all(r["extra"]["decode_step_ms"]["count"] > 0 for r in engine_rows)
+    for r in engine_rows:   # one first-token latency per request, within the run's wall time
+        ttft = r["extra"]["ttft_ms"]
+        assert ttft["count"] == r["requests"] and 0 < ttft["p50"] <= ttft["max"] <= r["seconds"] * 1e3
+    assert result["ttft_overhead"] == []   # --no-service: nothing to compare
     best = {}
     for r in rows:
         if r["method"] == "hf_sequential":
             best[r["scenario"]] = max(best.get(r["scenario"], 0), r["tokens_per_s"])
     for r in rows:
         assert r["x_vs_hf_sequential"] == pytest.approx(r["tokens_per_s"] / best[r["scenario"]])
+
+
+def test_ttft_overhead_pairs_service_with_engine_per_scenario_and_dtype() -> None:
+    from bench.vs_hf import ttft_overheads
+
+    def row(scenario, dtype, method, p50):
+        return {"scenario": scenario, "dtype": dtype, "method": method,
+                "extra": {"ttft_ms": {"p50": p50}} if p50 is not None else {}}
+    rows = [row("single", "bfloat16", "engine", 20.0), row("single", "bfloat16", "service", 27.5),
+            row("single", "float32", "service", 50.0),               # no engine row: skipped
+            row("single", "bfloat16", "hf_sequential", None),
+            row("many", "bfloat16", "engine", 100.0), row("many", "bfloat16", "service", 90.0)]
+    out = {(o["scenario"], o["dtype"]): o["overhead_p50_ms"] for o in ttft_overheads(rows)}
+    assert out == {("single", "bfloat16"): pytest.approx(7.5), ("many", "bfloat16"): -10.0}
 
 
 def test_serve_against_started_services(default_model_dir: Path, tmp_path: Path) -> None:
