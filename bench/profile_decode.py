@@ -71,8 +71,8 @@ def instrument(engine, timers: Timers) -> None:
     ops = model.ops
     model.ops = dataclasses.replace(ops, **{
         name: timers.wrap(f"op {name}", getattr(ops, name))
-        for name in ("rms_norm", "apply_rope", "silu_and_mul", "store_kv", "prefill_attention",
-                     "decode_attention")})
+        for name in ("rms_norm", "apply_rope", "silu_and_mul", "store_kv", "rope_and_store_kv",
+                     "prefill_attention", "decode_attention")})
     model.forward = timers.wrap("forward (all)", model.forward)
     runner._build_batch = timers.wrap("runner._build_batch", runner._build_batch)
     sampler = runner.sampler

@@ -18,7 +18,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True, slots=True)
 class KernelOps:
-    """The seven model ops of one backend; all share the signatures in kernels.reference."""
+    """The model ops of one backend; all share the signatures in kernels.reference."""
 
     backend: str
     rms_norm: Callable
@@ -26,6 +26,7 @@ class KernelOps:
     apply_rope: Callable
     silu_and_mul: Callable
     store_kv: Callable
+    rope_and_store_kv: Callable   # apply_rope then store_kv, fused where a backend can
     prefill_attention: Callable
     decode_attention: Callable
 
@@ -49,6 +50,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _rope_then_store(apply_rope: Callable, store_kv: Callable) -> Callable:
+    """rope_and_store_kv for a backend without a fused kernel: its own two ops in turn."""
+    def rope_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows) -> None:
+        apply_rope(q, k, positions, cos_sin)
+        store_kv(k_cache, v_cache, k, v, rows)
+    return rope_and_store_kv
+
+
 def get_ops(backend: str) -> KernelOps:
     """Return the ops for a concrete backend ('torch' or 'triton')."""
     if backend == "torch":
@@ -59,6 +68,7 @@ def get_ops(backend: str) -> KernelOps:
             apply_rope=cpu_ops.apply_rope,
             silu_and_mul=cpu_ops.silu_and_mul,
             store_kv=cpu_ops.store_kv,
+            rope_and_store_kv=cpu_ops.rope_and_store_kv,
             prefill_attention=cpu_ops.prefill_attention,
             decode_attention=cpu_ops.decode_attention,
         )
@@ -77,6 +87,7 @@ def get_ops(backend: str) -> KernelOps:
             apply_rope=apply_rope,
             silu_and_mul=silu_and_mul,
             store_kv=store_kv,
+            rope_and_store_kv=_rope_then_store(apply_rope, store_kv),
             prefill_attention=prefill_attention,
             decode_attention=decode_attention,
         )

@@ -100,15 +100,35 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+class _NewQKV(ctypes.Structure):
+    """new_qkv in elementwise.c: one step's q, k, v views (strides in elements)."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)] + [
+        (name, ctypes.c_int64) for name in (
+            "q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+            "v_token_stride", "v_head_stride", "tokens", "q_heads", "kv_heads", "head_dim")]
+
+
+class _PoolRows(ctypes.Structure):
+    """pool_rows in elementwise.c: the K/V pool and the rows receiving the new tokens."""
+
+    _fields_ = [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("row_stride", ctypes.c_int64), ("head_stride", ctypes.c_int64),
+                ("capacity", ctypes.c_int64), ("rows", ctypes.c_void_p)]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.pool_attention.restype = i32
-    lib.pool_attention.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i32, ptr, i64, ptr, ptr,
-                                   i32, i32, i32, i32, f32, ptr]
+    lib.pool_attention.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i32, ptr, i64, i64, i64,
+                                   ptr, ptr, i32, i32, i32, i32, f32, ptr]
     lib.rms_norm.restype = None
     lib.rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
     lib.rope.restype = None
     lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.rope_store_kv.restype = i32
+    lib.rope_store_kv.argtypes = [ctypes.POINTER(_NewQKV), ctypes.POINTER(_PoolRows), ptr, i64,
+                                  ptr, i32]
     lib.silu_and_mul.restype = None
     lib.silu_and_mul.argtypes = [ptr, i64, ptr, i64, i64, i32]
     lib.argmax_rows.restype = None
@@ -150,6 +170,43 @@ def rope(lib: ctypes.CDLL, x: Tensor, positions: Tensor, cos_sin: Tensor) -> Non
              cos_sin.data_ptr(), positions.data_ptr(), _DTYPES[x.dtype])
 
 
+def rope_store_ok(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether rope_store_kv takes these: one supported dtype throughout, unit last strides,
+    K and V pools alike."""
+    return (elementwise_ok(q, k, v, k_cache, v_cache) and q.stride(2) == 1 and k.stride(2) == 1
+            and v.stride(2) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+            and k_cache.shape == v_cache.shape and k_cache.shape[1:] == k.shape[1:] == v.shape[1:]
+            and q.shape[2] == k.shape[2] and q.shape[0] == k.shape[0] == v.shape[0])
+
+
+def rope_store_kv(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                  cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                  checked: bool = False) -> None:
+    """RoPE on q and k in place, then k and v into pool rows `rows`: one pass for what
+    rope() twice and kernels.reference.store_kv do. Checks rope_store_ok's conditions unless
+    the caller has (`checked`); rows and positions are always bounds-checked (IndexError)."""
+    # q: [tokens, q_heads, d]; k, v: [tokens, kv_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
+    if not checked and not rope_store_ok(q, k, v, k_cache, v_cache):
+        raise ValueError("rope_store_kv: q, k, v and the pools need one dtype, matching head "
+                         "shapes and unit last strides")
+    if cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        raise ValueError("rope_store_kv: cos_sin must be contiguous float32")
+    positions = positions.to(torch.int64).contiguous()
+    rows = rows.to(torch.int64).contiguous()
+    new = _NewQKV(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1),
+                  k.stride(0), k.stride(1), v.stride(0), v.stride(1), q.shape[0], q.shape[1],
+                  k.shape[1], q.shape[2])
+    pool = _PoolRows(k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                     k_cache.stride(1), k_cache.shape[0], rows.data_ptr())
+    status = lib.rope_store_kv(ctypes.byref(new), ctypes.byref(pool), cos_sin.data_ptr(),
+                               cos_sin.shape[0], positions.data_ptr(), _DTYPES[q.dtype])
+    if status == -1:
+        raise IndexError(f"rope_store_kv: a pool row is outside [0, {k_cache.shape[0]})")
+    if status == -2:
+        raise IndexError(f"rope_store_kv: a position is outside the RoPE table "
+                         f"[0, {cos_sin.shape[0]})")
+
+
 def silu_and_mul(lib: ctypes.CDLL, x: Tensor) -> Tensor:
     """As kernels.reference.silu_and_mul in x's dtype: [rows, 2 * inter] -> [rows, inter]."""
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
@@ -180,26 +237,24 @@ def supports(q: Tensor, k_cache: Tensor) -> bool:
 
 
 def pool_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   req_to_token: Tensor, slots: Tensor, seq_lens: Tensor, scale: float,
-                   longest: int | None = None) -> Tensor:
+                   req_to_token: Tensor, slots: Tensor, seq_lens: Tensor, scale: float) -> Tensor:
     """Query token t attends to the first seq_lens[t] tokens of request slots[t]; out in q's
-    dtype. `longest` (max of seq_lens) saves recomputing it where the caller has it."""
+    dtype. A slot outside the table or a seq_len wider than it raises IndexError."""
     # q: [tokens, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]; slots, seq_lens: [tokens]
     tokens, q_heads, head_dim = q.shape
     if k_cache.stride() != v_cache.stride() or req_to_token.stride(1) != 1:
         raise ValueError("k_cache and v_cache must share strides; req_to_token rows contiguous")
     slots = slots.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    if longest is None:
-        longest = int(seq_lens.max()) if tokens else 0
-    if longest > req_to_token.shape[1]:
-        raise ValueError(f"a seq_len exceeds req_to_token's width ({req_to_token.shape[1]})")
     out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype)
     status = lib.pool_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), _DTYPES[k_cache.dtype], req_to_token.data_ptr(),
-        req_to_token.stride(0), slots.data_ptr(), seq_lens.data_ptr(), tokens, q_heads,
-        k_cache.shape[1], head_dim, scale, out.data_ptr())
+        req_to_token.stride(0), req_to_token.shape[0], req_to_token.shape[1], slots.data_ptr(),
+        seq_lens.data_ptr(), tokens, q_heads, k_cache.shape[1], head_dim, scale, out.data_ptr())
+    if status == -2:
+        raise IndexError(f"pool_attention: a slot outside [0, {req_to_token.shape[0]}) or a "
+                         f"seq_len above the table's width ({req_to_token.shape[1]})")
     if status != 0:
         raise RuntimeError("pool_attention: unsupported sizes or out of memory")
     return out

@@ -23,8 +23,8 @@ from torch import Tensor
 from kernels import cpu_native, reference
 from kernels.reference import build_rope_cache, store_kv
 
-__all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "silu_and_mul",
-           "decode_attention", "prefill_attention", "argmax_rows"]
+__all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "rope_and_store_kv",
+           "silu_and_mul", "decode_attention", "prefill_attention", "argmax_rows"]
 
 # a prefill chunk longer than this attends alone (SDPA), not in a padded group
 GROUP_MAX_NEW_TOKENS = 256
@@ -61,6 +61,19 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None
         second.copy_(new_second)
 
 
+def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin: Tensor,
+                      k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
+    """apply_rope(q, k) then store_kv(k, v -> pool rows): one C pass where the C kernels are
+    built and the tensors fit it (saves a call and a re-read of k per layer)."""
+    lib = cpu_native.load()
+    if lib is not None and cpu_native.rope_store_ok(q, k, v, k_cache, v_cache):
+        cpu_native.rope_store_kv(lib, q, k, v, positions, cos_sin, k_cache, v_cache, rows,
+                                 checked=True)
+        return
+    apply_rope(q, k, positions, cos_sin)
+    store_kv(k_cache, v_cache, k, v, rows)
+
+
 def argmax_rows(x: Tensor) -> Tensor:
     """x.argmax(dim=-1) for [rows, cols] logits; the C loop where it applies (torch's CPU argmax
     is scalar: 0.66 ms for 32 x 49152 here, the C one ~0.05 ms)."""
@@ -81,18 +94,17 @@ def silu_and_mul(x: Tensor) -> Tensor:
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      slots: Tensor, seq_lens: Tensor, scale: float, max_seq_len: int) -> Tensor:
-    """One query per request over its first seq_lens[b] tokens, padded to max_seq_len (which
-    must be >= max(seq_lens)); requests with seq_len 0 get zeros."""
+    """One query per request over its first seq_lens[b] tokens; requests with seq_len 0 get
+    zeros. max_seq_len (>= max(seq_lens)) sizes the SDPA path's padding; the C kernel needs none."""
     # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
-    batch, q_heads, head_dim = q.shape
-    longest = int(seq_lens.max()) if batch and seq_lens.device.type == "cpu" else 0
+    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
+    if lib is not None:   # reads exactly seq_lens[b] keys: max_seq_len is not needed
+        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
+                                         seq_lens, scale)
+    longest = int(seq_lens.max()) if q.shape[0] else 0
     if longest > max_seq_len:
         raise ValueError(f"max_seq_len ({max_seq_len}) must be >= the longest seq_len "
                          f"({longest})")
-    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
-    if lib is not None:
-        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
-                                         seq_lens, scale, longest)
     return _decode_sdpa(q, k_cache, v_cache, req_to_token, slots, seq_lens, scale, max_seq_len)
 
 

@@ -107,6 +107,13 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, rows: Tenso
     v_cache.index_copy_(0, rows, v.to(v_cache.dtype))
 
 
+def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin: Tensor,
+                      k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
+    """apply_rope on q and k in place, then store_kv of the rotated k and v at `rows`."""
+    apply_rope(q, k, positions, cos_sin)
+    store_kv(k_cache, v_cache, k, v, rows)
+
+
 def prefill_attention(
     q: Tensor,
     k_cache: Tensor,

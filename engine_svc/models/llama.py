@@ -87,8 +87,8 @@ class LlamaModel:
         q = qkv[:, :q_size].view(tokens, cfg.num_heads, head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(tokens, cfg.num_kv_heads, head_dim)
         v = qkv[:, q_size + kv_size:].view(tokens, cfg.num_kv_heads, head_dim)
-        ops.apply_rope(q, k, batch.positions, self.cos_sin)
-        ops.store_kv(k_cache, v_cache, k, v, batch.out_rows)
+        ops.rope_and_store_kv(q, k, v, batch.positions, self.cos_sin, k_cache, v_cache,
+                              batch.out_rows)
         nd = batch.num_decode
         parts = []
         if nd > 0:

@@ -46,66 +46,161 @@ static inline float bf16_round(float f) {
 #define BF16_STORE(p, i, f) (((uint16_t *)(p))[i] = bf16_bits(f))
 #define BF16_ROUND(f) bf16_round(f)
 
+/* the value a tensor of that dtype holds after storing each lane */
+static inline v16f round16(v16f value, int is_bf16) { return is_bf16 ? round_bf16(value) : value; }
+
 /* out = (s * rsqrt(mean(s^2) + eps)) * weight with s = x (+ residual), also written to sum_out.
- * All tensors [rows, hidden] contiguous, weight [hidden]; residual and sum_out may be NULL. */
-#define DEFINE_RMS_NORM(NAME, LOAD, STORE, ROUND)                                              \
+ * All tensors [rows, hidden] contiguous, weight [hidden]; residual and sum_out may be NULL.
+ * 16 values at a time, the last hidden % 16 one by one. */
+#define DEFINE_RMS_NORM(NAME, IS_BF16, LOAD, STORE, ROUND)                                     \
 static void NAME(const void *x, const void *residual, const void *weight, void *out,          \
                  void *sum_out, int64_t rows, int64_t hidden, float eps) {                     \
+    const int64_t full = hidden / 16 * 16;                                                     \
     _Pragma("omp parallel for if (rows * hidden >= PARALLEL_MIN_ELEMENTS)")                     \
     for (int64_t r = 0; r < rows; r++) {                                                       \
         const int64_t base = r * hidden;                                                       \
         const void *src = x;                                                                   \
         if (residual) {                                                                        \
-            _Pragma("omp simd")                                                                \
-            for (int64_t i = 0; i < hidden; i++)                                               \
+            for (int64_t i = 0; i < full; i += 16)                                             \
+                store16(sum_out, base + i, IS_BF16, load16(x, base + i, IS_BF16)               \
+                                                    + load16(residual, base + i, IS_BF16));    \
+            for (int64_t i = full; i < hidden; i++)                                            \
                 STORE(sum_out, base + i, LOAD(x, base + i) + LOAD(residual, base + i));         \
             src = sum_out;                                                                     \
         }                                                                                      \
-        float squares = 0.0f;                                                                  \
-        _Pragma("omp simd reduction(+:squares)")                                               \
-        for (int64_t i = 0; i < hidden; i++) squares += LOAD(src, base + i) * LOAD(src, base + i); \
+        v16f square_sums = splat(0.0f);                                                        \
+        for (int64_t i = 0; i < full; i += 16) {                                               \
+            const v16f value = load16(src, base + i, IS_BF16);                                 \
+            square_sums += value * value;                                                      \
+        }                                                                                      \
+        float squares = sum16(square_sums);                                                    \
+        for (int64_t i = full; i < hidden; i++) squares += LOAD(src, base + i) * LOAD(src, base + i); \
         const float inv = 1.0f / sqrtf(squares / (float)hidden + eps);                         \
-        _Pragma("omp simd")                                                                    \
-        for (int64_t i = 0; i < hidden; i++)                                                   \
+        for (int64_t i = 0; i < full; i += 16)                                                 \
+            store16(out, base + i, IS_BF16,                                                    \
+                    round16(load16(src, base + i, IS_BF16) * splat(inv), IS_BF16)              \
+                    * load16(weight, i, IS_BF16));                                             \
+        for (int64_t i = full; i < hidden; i++)                                                \
             STORE(out, base + i, ROUND(LOAD(src, base + i) * inv) * LOAD(weight, i));          \
     }                                                                                          \
 }
-DEFINE_RMS_NORM(rms_norm_f32, F32_LOAD, F32_STORE, F32_ROUND)
-DEFINE_RMS_NORM(rms_norm_bf16, BF16_LOAD, BF16_STORE, BF16_ROUND)
+DEFINE_RMS_NORM(rms_norm_f32, 0, F32_LOAD, F32_STORE, F32_ROUND)
+DEFINE_RMS_NORM(rms_norm_bf16, 1, BF16_LOAD, BF16_STORE, BF16_ROUND)
 
 void rms_norm(const void *x, const void *residual, const void *weight, void *out, void *sum_out,
               int64_t rows, int64_t hidden, float eps, int is_bf16) {
     (is_bf16 ? rms_norm_bf16 : rms_norm_f32)(x, residual, weight, out, sum_out, rows, hidden, eps);
 }
 
-/* Neox rotation in place of x [tokens, heads, head_dim] (token/head strides in elements, unit
- * last stride) by the fp32 table cos_sin [max_positions, head_dim] (cos | sin) at positions. */
-#define DEFINE_ROPE(NAME, LOAD, STORE, ROUND)                                                  \
-static void NAME(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens,           \
-                 int64_t heads, int64_t head_dim, const float *cos_sin, const int64_t *positions) { \
-    const int64_t half = head_dim / 2;                                                         \
-    _Pragma("omp parallel for if (tokens * heads * head_dim >= PARALLEL_MIN_ELEMENTS)")         \
-    for (int64_t t = 0; t < tokens; t++) {                                                     \
-        const float *table = cos_sin + positions[t] * head_dim;                                \
-        for (int64_t h = 0; h < heads; h++) {                                                  \
-            const int64_t base = t * token_stride + h * head_stride;                           \
-            _Pragma("omp simd")                                                                \
-            for (int64_t i = 0; i < half; i++) {                                               \
-                const float c = ROUND(table[i]), s = ROUND(table[half + i]);                   \
-                const float first = LOAD(x, base + i), second = LOAD(x, base + half + i);      \
-                STORE(x, base + i, ROUND(first * c) - ROUND(second * s));                      \
-                STORE(x, base + half + i, ROUND(second * c) + ROUND(first * s));               \
-            }                                                                                  \
+/* Neox rotation of one head: src[at .. at + 2 * half) by the fp32 table row (cos | sin), rounded
+ * as torch rounds in the model's dtype, written to dst (may be src) and, if not NULL, to copy. */
+#define DEFINE_ROPE_HEAD(NAME, IS_BF16, LOAD, STORE, ROUND)                                    \
+static inline void NAME(const void *src, int64_t src_at, void *dst, int64_t dst_at,           \
+                        void *copy, int64_t copy_at, const float *table, int64_t half) {       \
+    const int64_t full = half / 16 * 16;                                                       \
+    for (int64_t i = 0; i < full; i += 16) {                                                   \
+        const v16f c = round16(load16(table, i, 0), IS_BF16);                                  \
+        const v16f s = round16(load16(table, half + i, 0), IS_BF16);                           \
+        const v16f first = load16(src, src_at + i, IS_BF16);                                   \
+        const v16f second = load16(src, src_at + half + i, IS_BF16);                           \
+        const v16f new_first = round16(first * c, IS_BF16) - round16(second * s, IS_BF16);     \
+        const v16f new_second = round16(second * c, IS_BF16) + round16(first * s, IS_BF16);    \
+        store16(dst, dst_at + i, IS_BF16, new_first);                                          \
+        store16(dst, dst_at + half + i, IS_BF16, new_second);                                  \
+        if (copy) {                                                                            \
+            store16(copy, copy_at + i, IS_BF16, new_first);                                    \
+            store16(copy, copy_at + half + i, IS_BF16, new_second);                            \
+        }                                                                                      \
+    }                                                                                          \
+    for (int64_t i = full; i < half; i++) {                                                    \
+        const float c = ROUND(table[i]), s = ROUND(table[half + i]);                           \
+        const float first = LOAD(src, src_at + i), second = LOAD(src, src_at + half + i);      \
+        const float new_first = ROUND(first * c) - ROUND(second * s);                          \
+        const float new_second = ROUND(second * c) + ROUND(first * s);                         \
+        STORE(dst, dst_at + i, new_first);                                                     \
+        STORE(dst, dst_at + half + i, new_second);                                             \
+        if (copy) {                                                                            \
+            STORE(copy, copy_at + i, new_first);                                               \
+            STORE(copy, copy_at + half + i, new_second);                                       \
         }                                                                                      \
     }                                                                                          \
 }
-DEFINE_ROPE(rope_f32, F32_LOAD, F32_STORE, F32_ROUND)
-DEFINE_ROPE(rope_bf16, BF16_LOAD, BF16_STORE, BF16_ROUND)
+DEFINE_ROPE_HEAD(rope_head_f32, 0, F32_LOAD, F32_STORE, F32_ROUND)
+DEFINE_ROPE_HEAD(rope_head_bf16, 1, BF16_LOAD, BF16_STORE, BF16_ROUND)
+
+/* Neox rotation in place of x [tokens, heads, head_dim] (token/head strides in elements, unit
+ * last stride) by the fp32 table cos_sin [max_positions, head_dim] (cos | sin) at positions. */
+#define DEFINE_ROPE(NAME, ROPE_HEAD)                                                           \
+static void NAME(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens,           \
+                 int64_t heads, int64_t head_dim, const float *cos_sin, const int64_t *positions) { \
+    _Pragma("omp parallel for if (tokens * heads * head_dim >= PARALLEL_MIN_ELEMENTS)")         \
+    for (int64_t t = 0; t < tokens; t++)                                                       \
+        for (int64_t h = 0; h < heads; h++) {                                                  \
+            const int64_t at = t * token_stride + h * head_stride;                             \
+            ROPE_HEAD(x, at, x, at, NULL, 0, cos_sin + positions[t] * head_dim, head_dim / 2); \
+        }                                                                                      \
+}
+DEFINE_ROPE(rope_f32, rope_head_f32)
+DEFINE_ROPE(rope_bf16, rope_head_bf16)
 
 void rope(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens, int64_t heads,
           int64_t head_dim, const float *cos_sin, const int64_t *positions, int is_bf16) {
     (is_bf16 ? rope_bf16 : rope_f32)(x, token_stride, head_stride, tokens, heads, head_dim,
                                      cos_sin, positions);
+}
+
+/* Where one step's new q, k, v lie: views of [tokens, heads, head_dim] with unit last stride. */
+typedef struct {
+    void *q, *k;
+    const void *v;
+    int64_t q_token_stride, q_head_stride, k_token_stride, k_head_stride;
+    int64_t v_token_stride, v_head_stride;
+    int64_t tokens, q_heads, kv_heads, head_dim;
+} new_qkv;
+
+/* Where they go: the pool [capacity, kv_heads, head_dim] (k and v share strides) at rows. */
+typedef struct {
+    void *k_cache, *v_cache;
+    int64_t row_stride, head_stride, capacity;
+    const int64_t *rows;
+} pool_rows;
+
+#define DEFINE_ROPE_STORE(NAME, ROPE_HEAD, ELEMENT)                                            \
+static void NAME(const new_qkv *n, const pool_rows *p, const float *cos_sin,                  \
+                 const int64_t *positions) {                                                   \
+    const int64_t half = n->head_dim / 2, bytes = n->head_dim * (int64_t)sizeof(ELEMENT);     \
+    _Pragma("omp parallel for if (n->tokens * (n->q_heads + 2 * n->kv_heads) * n->head_dim \
+                                  >= PARALLEL_MIN_ELEMENTS)")                                  \
+    for (int64_t t = 0; t < n->tokens; t++) {                                                  \
+        const float *table = cos_sin + positions[t] * n->head_dim;                             \
+        for (int64_t h = 0; h < n->q_heads; h++) {                                             \
+            const int64_t at = t * n->q_token_stride + h * n->q_head_stride;                   \
+            ROPE_HEAD(n->q, at, n->q, at, NULL, 0, table, half);                               \
+        }                                                                                      \
+        for (int64_t h = 0; h < n->kv_heads; h++) {                                            \
+            const int64_t at = t * n->k_token_stride + h * n->k_head_stride;                   \
+            const int64_t pool_at = p->rows[t] * p->row_stride + h * p->head_stride;           \
+            ROPE_HEAD(n->k, at, n->k, at, p->k_cache, pool_at, table, half);                   \
+            memcpy((ELEMENT *)p->v_cache + pool_at,                                            \
+                   (const ELEMENT *)n->v + t * n->v_token_stride + h * n->v_head_stride,       \
+                   (size_t)bytes);                                                             \
+        }                                                                                      \
+    }                                                                                          \
+}
+DEFINE_ROPE_STORE(rope_store_kv_f32, rope_head_f32, float)
+DEFINE_ROPE_STORE(rope_store_kv_bf16, rope_head_bf16, uint16_t)
+
+/* RoPE on q and k in place (as rope()), then the rotated k and v written to the pool rows.
+ * Returns 0, -1 if a pool row is outside [0, capacity), -2 if a position is outside
+ * [0, max_positions); nothing is written then. */
+int rope_store_kv(const new_qkv *n, const pool_rows *p, const float *cos_sin,
+                  int64_t max_positions, const int64_t *positions, int is_bf16) {
+    for (int64_t t = 0; t < n->tokens; t++) {
+        if (p->rows[t] < 0 || p->rows[t] >= p->capacity) return -1;
+        if (positions[t] < 0 || positions[t] >= max_positions) return -2;
+    }
+    (is_bf16 ? rope_store_kv_bf16 : rope_store_kv_f32)(n, p, cos_sin, positions);
+    return 0;
 }
 
 /* silu(gate) * up for 16 values, rounded as torch rounds bf16: bf16(bf16(silu(gate)) * up) */

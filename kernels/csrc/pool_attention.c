@@ -296,7 +296,8 @@ static attend_vec_fn pick_vec(int group, int head_dim, int is_bf16, int *bf16_do
     return (head_dim == 64 ? VEC_64 : VEC_128)[group - 1];
 }
 
-/* Returns 0, or -1 for unsupported sizes / out of memory. out is fp32 and contiguous. */
+/* Returns 0; -1 for unsupported sizes or out of memory; -2 when a slot or seq_len lies outside
+ * the table (nothing read then). out is contiguous, in q's dtype. */
 int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q dtype = pool's */
                    int64_t q_token_stride,     /* elements between tokens of q */
                    int64_t q_head_stride,      /* elements between heads of q */
@@ -305,8 +306,10 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
                    int64_t row_stride,         /* elements between pool rows (k and v) */
                    int64_t head_stride,        /* elements between heads of a pool row */
                    int is_bf16,                /* 1: q and pool are bf16, 0: fp32 */
-                   const int32_t *req_to_token,/* [max_requests, table_width] */
+                   const int32_t *req_to_token,/* [table_rows, table_columns] */
                    int64_t table_width,        /* elements between rows of req_to_token */
+                   int64_t table_rows,         /* slots must lie in [0, table_rows) */
+                   int64_t table_columns,      /* seq_lens must be <= table_columns */
                    const int32_t *slots,       /* [tokens] table row of each query token */
                    const int32_t *seq_lens,    /* [tokens] visible keys of each query token */
                    int tokens, int q_heads, int kv_heads, int head_dim, float scale,
@@ -317,7 +320,10 @@ int pool_attention(const void *q,              /* [tokens, q_heads, head_dim], q
     int bf16_dot;
     const attend_vec_fn vec = pick_vec(group, head_dim, is_bf16, &bf16_dot);
     int max_keys = 1;
-    for (int t = 0; t < tokens; t++) max_keys = seq_lens[t] > max_keys ? seq_lens[t] : max_keys;
+    for (int t = 0; t < tokens; t++) {
+        if (slots[t] < 0 || slots[t] >= table_rows || seq_lens[t] > table_columns) return -2;
+        max_keys = seq_lens[t] > max_keys ? seq_lens[t] : max_keys;
+    }
     /* scores scratch: the vector path keeps every head of the group, padded to KEY_BLOCK */
     const size_t scratch = (size_t)group * (size_t)((max_keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK);
     int failed = 0;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -22,14 +23,28 @@ def torch_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(cpu_native._state, "lib", None)
 
 
+@pytest.fixture
+def torch_only_lib(monkeypatch: pytest.MonkeyPatch):
+    """A context manager: cpu_ops without the C kernels inside it, with them after."""
+    @contextlib.contextmanager
+    def without_lib():
+        monkeypatch.setitem(cpu_native._state, "lib", None)
+        try:
+            yield
+        finally:
+            monkeypatch.setitem(cpu_native._state, "lib", LIB)
+    return without_lib
+
+
 @needs_lib
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_equals_reference(dtype: torch.dtype, with_residual: bool) -> None:
+@pytest.mark.parametrize("hidden", [576, 100])   # 100: six vectors of 16 and a tail of 4
+def test_rms_norm_equals_reference(dtype: torch.dtype, with_residual: bool, hidden: int) -> None:
     torch.manual_seed(0)
-    x = torch.randn(37, 576, dtype=dtype) * 3
-    residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
-    weight = torch.randn(576, dtype=dtype)
+    x = torch.randn(37, hidden, dtype=dtype) * 3
+    residual = torch.randn(37, hidden, dtype=dtype) if with_residual else None
+    weight = torch.randn(hidden, dtype=dtype)
     out, summed = cpu_native.rms_norm(LIB, x, weight, 1e-5, residual)
     ref_out, ref_summed = reference.rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(summed, ref_summed)
@@ -58,6 +73,80 @@ def test_rope_equals_torch_rotation_on_views(dtype: torch.dtype, monkeypatch) ->
     cpu_ops.apply_rope(qkv[:, :512].view(19, 8, 64), qkv[:, 512:640].view(19, 2, 64),
                        positions, table)
     assert torch.equal(qkv, expected)
+
+
+def _qkv_views(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int):
+    """q, k, v as the model has them: views of one [tokens, (q + 2 kv) * d] projection."""
+    tokens, q_size, kv_size = qkv.shape[0], q_heads * head_dim, kv_heads * head_dim
+    return (qkv[:, :q_size].view(tokens, q_heads, head_dim),
+            qkv[:, q_size:q_size + kv_size].view(tokens, kv_heads, head_dim),
+            qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim))
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 48])   # 48: a half of 24 = one vector and a tail
+def test_rope_and_store_kv_equals_rope_then_store(dtype: torch.dtype, head_dim: int,
+                                                  torch_only_lib) -> None:
+    """The fused C pass gives exactly what the torch RoPE + index_copy give: q and k rotated
+    in place, rotated k and unrotated v in the pool rows, other rows untouched."""
+    torch.manual_seed(5)
+    tokens, q_heads, kv_heads, capacity = 23, 6, 2, 64
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    positions = torch.randint(0, 300, (tokens,))
+    rows = torch.randperm(capacity)[:tokens]
+    table = reference.build_rope_cache(head_dim, 512, 10000.0, None, torch.device("cpu"))
+    k_pool, v_pool = (torch.randn(capacity, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    want_qkv, want_k_pool, want_v_pool = qkv.clone(), k_pool.clone(), v_pool.clone()
+    with torch_only_lib():
+        cpu_ops.rope_and_store_kv(*_qkv_views(want_qkv, q_heads, kv_heads, head_dim), positions,
+                                  table, want_k_pool, want_v_pool, rows)
+    cpu_ops.rope_and_store_kv(*_qkv_views(qkv, q_heads, kv_heads, head_dim), positions, table,
+                              k_pool, v_pool, rows)
+    assert torch.equal(qkv, want_qkv)
+    assert torch.equal(k_pool, want_k_pool) and torch.equal(v_pool, want_v_pool)
+
+
+@needs_lib
+@pytest.mark.parametrize("bad", ["row", "negative_row", "position"])
+def test_rope_and_store_kv_rejects_out_of_range_before_writing(bad: str) -> None:
+    torch.manual_seed(6)
+    qkv = torch.randn(4, 8 * 64, dtype=torch.bfloat16)
+    q, k, v = _qkv_views(qkv, 4, 2, 64)
+    rows, positions = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+    if bad == "row":
+        rows[2] = 8
+    elif bad == "negative_row":
+        rows[1] = -1
+    else:
+        positions[3] = 16
+    table = reference.build_rope_cache(64, 16, 10000.0, None, torch.device("cpu"))
+    k_pool, v_pool = torch.zeros(8, 2, 64, dtype=torch.bfloat16), torch.zeros(8, 2, 64,
+                                                                              dtype=torch.bfloat16)
+    before = qkv.clone()
+    match = "RoPE table" if bad == "position" else r"pool row is outside \[0, 8\)"
+    with pytest.raises(IndexError, match=match):
+        cpu_native.rope_store_kv(LIB, q, k, v, positions, table, k_pool, v_pool, rows)
+    assert torch.equal(qkv, before)
+    assert not k_pool.any() and not v_pool.any()
+
+
+@needs_lib
+@pytest.mark.parametrize("bad", ["slot", "negative_slot", "seq_len"])
+def test_pool_attention_rejects_slots_and_lengths_outside_the_table(bad: str) -> None:
+    """Checked in C before any key is read: a bad slot or length would read past the table."""
+    pb = make_pool_batch([0] * 3, [4, 5, 6], 2, 64, torch.float32, torch.device("cpu"))
+    slots, seq_lens = pb.slots.clone(), pb.seq_lens.clone()
+    if bad == "slot":
+        slots[1] = pb.req_to_token.shape[0]
+    elif bad == "negative_slot":
+        slots[0] = -1
+    else:
+        seq_lens[2] = pb.req_to_token.shape[1] + 1
+    q = torch.randn(3, 4, 64)
+    with pytest.raises(IndexError, match="outside"):
+        cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, slots,
+                                  seq_lens, 0.125)
 
 
 @needs_lib
@@ -129,9 +218,6 @@ def test_pool_attention_rejects_what_it_cannot_do() -> None:
     with pytest.raises(RuntimeError, match="unsupported"):
         cpu_native.pool_attention(LIB, q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                   pb.seq_lens, 0.1)
-    with pytest.raises(ValueError, match="width"):
-        cpu_native.pool_attention(LIB, q[:, :4], pb.k_cache, pb.v_cache, pb.req_to_token,
-                                  pb.slots, torch.tensor([10_000], dtype=torch.int32), 0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

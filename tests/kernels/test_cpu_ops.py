@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_ops, reference
+from kernels import cpu_native, cpu_ops, reference
 from tests.kernels.helpers import assert_close, make_pool_batch, naive_decode, naive_prefill
 
 CPU = torch.device("cpu")
@@ -81,13 +81,26 @@ def test_decode_attention_matches_naive(dtype: torch.dtype, q_heads: int, kv_hea
     assert_close(out, ref, dtype)
 
 
-def test_decode_attention_gives_zeros_for_empty_requests_and_checks_width() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_decode_attention_gives_zeros_for_empty_requests_and_checks_width(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDPA path pads to max_seq_len, so one below the longest seq_len is an error there;
+    the C kernel reads exactly seq_lens keys and gives the right answer regardless."""
+    if not native:
+        monkeypatch.setitem(cpu_native._state, "lib", None)
+    elif cpu_native.load() is None:
+        pytest.skip("no C compiler here")
     pb = make_pool_batch([0, 0], [3, 4], 2, 16, torch.bfloat16, CPU)
     seq_lens = torch.tensor([0, 4], dtype=torch.int32)
     q = torch.randn(2, 4, 16, dtype=torch.bfloat16)
     out = cpu_ops.decode_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                    seq_lens, 0.25, 4)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and not torch.isnan(out).any()
+    if native:
+        short = cpu_ops.decode_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
+                                         seq_lens, 0.25, 3)
+        assert torch.equal(short, out)
+        return
     with pytest.raises(ValueError, match="max_seq_len"):
         cpu_ops.decode_attention(q, pb.k_cache, pb.v_cache, pb.req_to_token, pb.slots,
                                  seq_lens, 0.25, 3)
