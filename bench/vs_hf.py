@@ -8,6 +8,10 @@ concurrent: all requests at once), in one process, one after another:
   (d) service        engine_svc + tokenizer_svc over gRPC, requests sent like the scenario
 Every side generates exactly --new-tokens per request (HF: min_new_tokens = max_new_tokens).
 Ratios are against the faster dtype of (a) and of (b).
+A third scenario, ttft_probe, sends one prompt --ttft-repeats times, one after another, for
+PROBE_TOKENS tokens each through (c) and (d) only: the p50 difference of their first-token
+latencies is what the services add (tokenizing, two gRPC hops, detokenizing) with nothing else
+varying (after the first request the prompt is a prefix-cache hit on both sides).
 
     python bench/vs_hf.py --json bench/results/vs_hf_cpu.json
     python bench/vs_hf.py --quick --model DIR --no-service
@@ -30,6 +34,7 @@ from bench.vs_hf_runners import (Measurement, run_engine, run_hf_batched,  # noq
                                  run_hf_sequential, run_service)
 
 DEFAULT_MODEL = "models/smollm2-135m-instruct"
+PROBE_TOKENS = 4   # tokens per ttft_probe request: enough for a first token and a few more
 
 
 @dataclass(slots=True)
@@ -41,6 +46,8 @@ class Scenario:
     prompt_texts: list[str] | None   # None when the model has no tokenizer (no service run)
     new_tokens: int
     concurrent: bool
+    probe: bool = False   # timing only: not run through transformers, no ratios
+
 
 
 def make_prompts(model_dir: Path, count: int, min_len: int, max_len: int, vocab: int,
@@ -68,6 +75,13 @@ def build_scenarios(args: argparse.Namespace, vocab: int) -> list[Scenario]:
         ids, texts = make_prompts(args.model, count, args.min_prompt_len, args.max_prompt_len,
                                   vocab, rng)
         scenarios.append(Scenario(name, ids, texts, args.new_tokens, concurrent))
+    if args.ttft_repeats:
+        ids, texts = make_prompts(args.model, 1, args.min_prompt_len, args.max_prompt_len, vocab,
+                                  rng)
+        scenarios.append(Scenario("ttft_probe", ids * args.ttft_repeats,
+                                  texts * args.ttft_repeats if texts else None,
+                                  min(PROBE_TOKENS, args.new_tokens),
+                                  concurrent=False, probe=True))
     return scenarios
 
 
@@ -109,7 +123,8 @@ def measure_quietly(method: str, dtype: str, scenarios: list[Scenario],
 def run_method(method: str, dtype: str, scenarios: list[Scenario],
                args: argparse.Namespace) -> list[Measurement]:
     if method == "hf_sequential":
-        return run_hf_sequential(args.model, dtype, scenarios, args.device)
+        return run_hf_sequential(args.model, dtype, [s for s in scenarios if not s.probe],
+                                 args.device)
     if method == "hf_batched":
         return run_hf_batched(args.model, dtype, [s for s in scenarios if s.concurrent],
                               args.device)
@@ -193,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft-repeats", type=int, default=20,
+                   help="requests of the ttft_probe scenario (one prompt repeated; 0: none)")
     p.add_argument("--no-service", action="store_true", help="skip (d), the gRPC services")
     p.add_argument("--max-others", type=float, default=None, metavar="CORES",
                    help="shared machine: wait for an idle machine before each method and measure "
@@ -210,6 +227,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("threads", "single_prompts", "batch", "new_tokens", "min_prompt_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.ttft_repeats < 0:
+        raise ValueError(f"--ttft-repeats must be >= 0, got {args.ttft_repeats}")
     if args.max_prompt_len < args.min_prompt_len:
         raise ValueError(f"--max-prompt-len must be >= --min-prompt-len ({args.min_prompt_len}), "
                          f"got {args.max_prompt_len}")
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.single_prompts, args.batch, args.new_tokens = 2, 8, 16
         args.min_prompt_len, args.max_prompt_len = 16, 32
+        args.ttft_repeats = min(args.ttft_repeats, 3)
     try:
         validate(args)
     except ValueError as error:

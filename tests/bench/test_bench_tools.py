@@ -58,15 +58,21 @@ def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
     assert result["threads"]["torch_num_threads"] == 1
     assert {"torch_version", "transformers_version", "cpu", "command"} <= set(result["machine"])
     rows = result["rows"]
-    # 2 dtypes x (hf_sequential 2 scenarios + hf_batched 1 + engine 2)
-    assert len(rows) == 2 * 5
+    # 2 dtypes x (hf_sequential 2 scenarios + hf_batched 1 + engine 3 (with the TTFT probe))
+    assert len(rows) == 2 * 6
     assert {(r["method"], r["dtype"]) for r in rows} == {
         (m, d) for m in ("hf_sequential", "hf_batched", "engine") for d in ("float32", "bfloat16")}
+    probe = result["scenarios"]["ttft_probe"]
+    assert probe["requests"] == 3 and len(set(probe["prompt_tokens"])) == 1   # one prompt, 3x
     for row in rows:
         scenario = result["scenarios"][row["scenario"]]
         assert row["exact_counts"] is True
-        assert row["tokens"] == scenario["requests"] * row["new_tokens"] == row["requests"] * 16
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0
+        if row["scenario"] == "ttft_probe":   # engine only: no transformers run, no ratios
+            assert row["method"] == "engine" and row["tokens"] == 3 * 4
+            assert row["x_vs_hf_sequential"] is None and row["agree_with_hf"] is None
+            continue
+        assert row["tokens"] == scenario["requests"] * row["new_tokens"] == row["requests"] * 16
         assert row["x_vs_hf_sequential"] > 0
         assert (row["x_vs_hf_batched"] is None) == (not scenario["concurrent"])
         if row["method"] != "hf_sequential":
@@ -82,7 +88,8 @@ def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
         if r["method"] == "hf_sequential":
             best[r["scenario"]] = max(best.get(r["scenario"], 0), r["tokens_per_s"])
     for r in rows:
-        assert r["x_vs_hf_sequential"] == pytest.approx(r["tokens_per_s"] / best[r["scenario"]])
+        if r["scenario"] != "ttft_probe":
+            assert r["x_vs_hf_sequential"] == pytest.approx(r["tokens_per_s"] / best[r["scenario"]])
 
 
 def test_ttft_overhead_pairs_service_with_engine_per_scenario_and_dtype() -> None:
