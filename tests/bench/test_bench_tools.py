@@ -128,3 +128,33 @@ def test_serve_against_started_services(default_model_dir: Path, tmp_path: Path)
         assert run["tpot_ms"]["count"] == 3
     assert png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hf_side_goes_on_through_eos_like_ignore_eos(tmp_path: Path) -> None:
+    """vs_hf's transformers runs must generate what the engine's ignore_eos does: EOS is an
+    ordinary token, picked where greedy picks it, and the row goes on (banning EOS until the
+    count is reached, as min_new_tokens does, made 3 of 32 benchmark prompts disagree)."""
+    import torch
+
+    from bench.vs_hf_runners import _hf_generate, _load_hf
+    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.params import SamplingParams, StoppingParams
+
+    model_dir = build_tiny_model(tmp_path)
+    model = _load_hf(model_dir, "float32", "cpu")
+    prompt = [1, 17, 42, 99, 7]
+    ids = torch.tensor([prompt])
+    first = int(_hf_generate(model, ids, torch.ones_like(ids), 1)[0, 0])
+    model.generation_config.eos_token_id = first   # make greedy's first pick the EOS token
+    model.config.eos_token_id = first
+    out = _hf_generate(model, ids, torch.ones_like(ids), 6)[0].tolist()
+    assert len(out) == 6 and out[0] == first
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
+                                    max_model_len=64, max_num_seqs=2))
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0),
+                       StoppingParams(max_new_tokens=6, ignore_eos=True))
+    engine_out: list[int] = []
+    while engine.has_work():
+        for step_out in engine.step():
+            engine_out.extend(step_out.token_ids)
+    assert engine_out == out
