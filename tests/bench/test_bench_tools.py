@@ -52,7 +52,7 @@ def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path)
     out = tmp_path / "vs_hf.json"
     done = run_tool("bench/vs_hf.py", "--model", str(model), "--quick", "--no-service",
-                    "--threads", "1", "--json", str(out))
+                    "--threads", "1", "--repeats", "2", "--json", str(out))
     assert "x HF seq" in done.stdout
     result = json.loads(out.read_text())
     assert result["threads"]["torch_num_threads"] == 1
@@ -68,6 +68,10 @@ def test_vs_hf_quick_on_tiny_model(tmp_path: Path) -> None:
         scenario = result["scenarios"][row["scenario"]]
         assert row["exact_counts"] is True
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0
+        # --repeats 2: the fastest of two runs is kept (hf_sequential, the reference, runs once)
+        runs = row["extra"]["runs_seconds"]
+        assert len(runs) == (1 if row["method"] == "hf_sequential" else 2)
+        assert row["seconds"] == pytest.approx(min(runs), abs=1e-3)
         if row["scenario"] == "ttft_probe":   # engine only: no transformers run, no ratios
             assert row["method"] == "engine" and row["tokens"] == 3 * 4
             assert row["x_vs_hf_sequential"] is None and row["agree_with_hf"] is None
