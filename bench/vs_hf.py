@@ -6,7 +6,8 @@ concurrent: all requests at once), in one process, one after another:
   (b) hf_batched     transformers generate on one left-padded batch (concurrent scenario)
   (c) engine         LLMEngine in-process (greedy, ignore_eos)
   (d) service        engine_svc + tokenizer_svc over gRPC, requests sent like the scenario
-Every side generates exactly --new-tokens per request (HF: min_new_tokens = max_new_tokens).
+Every side generates exactly --new-tokens per request, going on through EOS (the engine with
+ignore_eos; transformers with an EOS id no row can produce, so EOS is an ordinary token).
 Ratios are against the faster dtype of (a) and of (b).
 A third scenario, ttft_probe, sends one prompt --ttft-repeats times, one after another, for
 PROBE_TOKENS tokens each through (c) and (d) only: the p50 difference of their first-token
