@@ -2,6 +2,7 @@
 random prompts that survive a tokenizer round trip, and both services started on loopback."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import signal
@@ -129,6 +130,18 @@ class OtherLoad:
         ours_s = _tree_cpu_s(os.getpid()) - ours
         self.ours_cores = ours_s / elapsed
         self.others_cores = max(0.0, (_machine_busy_s() - busy - ours_s) / elapsed)
+
+
+def add_quiet_machine_args(parser: argparse.ArgumentParser, unit: str) -> None:
+    """--max-others / --retries / --quiet-wait: measure on an idle shared machine, per `unit`
+    ("run", "method") of the tool; used with wait_for_quiet and OtherLoad."""
+    parser.add_argument("--max-others", type=float, default=None, metavar="CORES",
+                        help=f"shared machine: wait for an idle machine before each {unit} and "
+                             f"measure again when other processes kept more than CORES busy "
+                             f"meanwhile")
+    parser.add_argument("--retries", type=int, default=3, help="with --max-others (default 3)")
+    parser.add_argument("--quiet-wait", type=float, default=900.0,
+                        help="seconds to wait for an idle machine before each try (default 900)")
 
 
 def wait_for_quiet(max_wait_s: float = 600.0, busy_below: float = 0.3, window_s: float = 5.0,

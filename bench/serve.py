@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (OtherLoad, Services, machine_info, set_threads,  # noqa: E402
-                          stable_prompt_ids, wait_for_quiet)
+from bench.common import (OtherLoad, Services, add_quiet_machine_args, machine_info,  # noqa: E402
+                          set_threads, stable_prompt_ids, wait_for_quiet)
 from bench.serve_report import plot_runs, print_run, summarize_run  # noqa: E402
 
 
@@ -205,12 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="untimed requests first (default 2)")
-    p.add_argument("--max-others", type=float, default=None, metavar="CORES",
-                   help="shared machine: wait for an idle machine before each run and run again "
-                        "when other processes kept more than CORES busy meanwhile")
-    p.add_argument("--retries", type=int, default=3, help="with --max-others (default 3)")
-    p.add_argument("--quiet-wait", type=float, default=900.0,
-                   help="seconds to wait for an idle machine before each try (default 900)")
+    add_quiet_machine_args(p, "run")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG of latency/throughput per run here")
     p.add_argument("--no-progress", action="store_true")

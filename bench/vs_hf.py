@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, set_threads, stable_prompt_ids, wait_for_quiet  # noqa: E402
+from bench.common import (add_quiet_machine_args, machine_info, set_threads,  # noqa: E402
+                          stable_prompt_ids, wait_for_quiet)
 from bench.vs_hf_runners import (Measurement, run_engine, run_hf_batched,  # noqa: E402
                                  run_hf_sequential, run_service)
 
@@ -237,12 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-repeats", type=int, default=20,
                    help="requests of the ttft_probe scenario (one prompt repeated; 0: none)")
     p.add_argument("--no-service", action="store_true", help="skip (d), the gRPC services")
-    p.add_argument("--max-others", type=float, default=None, metavar="CORES",
-                   help="shared machine: wait for an idle machine before each method and measure "
-                        "again when other processes kept more than CORES busy meanwhile")
-    p.add_argument("--retries", type=int, default=3, help="with --max-others (default 3)")
-    p.add_argument("--quiet-wait", type=float, default=900.0,
-                   help="seconds to wait for an idle machine before each try (default 900)")
+    add_quiet_machine_args(p, "method")
     p.add_argument("--quick", action="store_true",
                    help="2 single prompts, batch 8, 16 new tokens, prompts of 16-32 tokens")
     p.add_argument("--json", type=Path, help="write the results here")
