@@ -50,14 +50,6 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _rope_then_store(apply_rope: Callable, store_kv: Callable) -> Callable:
-    """rope_and_store_kv for a backend without a fused kernel: its own two ops in turn."""
-    def rope_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows) -> None:
-        apply_rope(q, k, positions, cos_sin)
-        store_kv(k_cache, v_cache, k, v, rows)
-    return rope_and_store_kv
-
-
 def get_ops(backend: str) -> KernelOps:
     """Return the ops for a concrete backend ('torch' or 'triton')."""
     if backend == "torch":
@@ -87,7 +79,7 @@ def get_ops(backend: str) -> KernelOps:
             apply_rope=apply_rope,
             silu_and_mul=silu_and_mul,
             store_kv=store_kv,
-            rope_and_store_kv=_rope_then_store(apply_rope, store_kv),
+            rope_and_store_kv=reference.rope_then_store(apply_rope, store_kv),
             prefill_attention=prefill_attention,
             decode_attention=decode_attention,
         )

@@ -61,6 +61,10 @@ def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None
         second.copy_(new_second)
 
 
+# without the C kernels: this module's RoPE, then the reference scatter
+_rope_then_store = reference.rope_then_store(apply_rope, store_kv)
+
+
 def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin: Tensor,
                       k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
     """apply_rope(q, k) then store_kv(k, v -> pool rows): one C pass where the C kernels are
@@ -70,8 +74,7 @@ def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_si
         cpu_native.rope_store_kv(lib, q, k, v, positions, cos_sin, k_cache, v_cache, rows,
                                  checked=True)
         return
-    apply_rope(q, k, positions, cos_sin)
-    store_kv(k_cache, v_cache, k, v, rows)
+    _rope_then_store(q, k, v, positions, cos_sin, k_cache, v_cache, rows)
 
 
 def argmax_rows(x: Tensor) -> Tensor:

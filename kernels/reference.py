@@ -8,6 +8,7 @@ Attention reads K/V from a token-level pool through the request->token table
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -107,11 +108,17 @@ def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, rows: Tenso
     v_cache.index_copy_(0, rows, v.to(v_cache.dtype))
 
 
-def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
-    """apply_rope on q and k in place, then store_kv of the rotated k and v at `rows`."""
-    apply_rope(q, k, positions, cos_sin)
-    store_kv(k_cache, v_cache, k, v, rows)
+def rope_then_store(apply_rope_op: Callable, store_kv_op: Callable) -> Callable:
+    """rope_and_store_kv made of a backend's own two ops (for backends without a fused one)."""
+    def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin: Tensor,
+                          k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
+        apply_rope_op(q, k, positions, cos_sin)
+        store_kv_op(k_cache, v_cache, k, v, rows)
+    return rope_and_store_kv
+
+
+# apply_rope on q and k in place, then store_kv of the rotated k and v at `rows`
+rope_and_store_kv = rope_then_store(apply_rope, store_kv)
 
 
 def prefill_attention(
