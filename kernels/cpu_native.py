@@ -1,4 +1,5 @@
-"""Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE (kernels/csrc).
+"""Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE, bf16 projections
+(kernels/csrc).
 
 Built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
 directory keyed by the source, the flags and this CPU, then loaded with ctypes. Its OpenMP calls
@@ -26,8 +27,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("pool_attention.c", "elementwise.c")]
-HEADERS = [CSRC / "vec16.h"]
+SOURCES = [CSRC / name for name in (
+    "pool_attention.c", "elementwise.c", "gemm_bf16.c", "forward_layers.c")]
+HEADERS = [CSRC / "vec16.h", CSRC / "kernels.h"]
 # vector sums need reassociation (-fassociative-math and the two flags it requires); not
 # -ffast-math: gcc then links crtfastmath.o, which turns on flush-to-zero for the whole process.
 # No contraction into FMAs: the bf16 rounding steps must match torch's.
@@ -117,6 +119,34 @@ class _PoolRows(ctypes.Structure):
                 ("capacity", ctypes.c_int64), ("rows", ctypes.c_void_p)]
 
 
+class LayerTensors(ctypes.Structure):
+    """layer_tensors in forward_layers.c: one decoder layer's weights and K/V pools."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "qkv_proj", "qkv_bias", "o_proj", "post_norm", "gate_up_proj", "down_proj",
+        "k_cache", "v_cache")]
+
+
+class LayerStack(ctypes.Structure):
+    """layer_stack in forward_layers.c: the model's sizes and what every layer shares."""
+
+    _fields_ = ([(name, ctypes.c_int64) for name in (
+        "layers", "hidden", "q_heads", "kv_heads", "head_dim", "inter")]
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        + [(name, ctypes.c_int64) for name in ("capacity", "row_stride", "head_stride")]
+        + [("req_to_token", ctypes.c_void_p), ("table_rows", ctypes.c_int64),
+           ("table_columns", ctypes.c_int64), ("cos_sin", ctypes.c_void_p),
+           ("max_positions", ctypes.c_int64)])
+
+
+class StepTensors(ctypes.Structure):
+    """step_tensors in forward_layers.c: one step's tokens and scratch tensors."""
+
+    _fields_ = [("tokens", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
+        "positions", "out_rows", "slots", "seq_lens", "hidden", "residual", "normed", "qkv",
+        "attn", "gate_up", "act")]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.pool_attention.restype = i32
@@ -133,6 +163,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_and_mul.argtypes = [ptr, i64, ptr, i64, i64, i32]
     lib.argmax_rows.restype = None
     lib.argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.gemm_bf16_available.restype = i32
+    lib.gemm_bf16_available.argtypes = []
+    lib.gemm_bf16.restype = i32
+    lib.gemm_bf16.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.forward_layers.restype = i32
+    lib.forward_layers.argtypes = [ctypes.POINTER(LayerStack), ctypes.POINTER(LayerTensors),
+                                   ctypes.POINTER(StepTensors)]
 
 
 def elementwise_ok(*tensors: Tensor | None) -> bool:
@@ -226,6 +263,19 @@ def argmax_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
+
+
+def gemm_bf16(lib: ctypes.CDLL, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """x [rows, in] @ W^T (+ bias [out]) in bf16 for W packed by kernels.cpu_linear (shape
+    [out / 16, in / 2, 32]); the caller checks dtypes and x's unit column stride."""
+    rows, width = x.shape
+    out_features = packed.shape[0] * 16
+    y = torch.empty((rows, out_features), dtype=torch.bfloat16)
+    if rows:
+        lib.gemm_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                      bias.data_ptr() if bias is not None else None, y.data_ptr(), out_features,
+                      rows, out_features, width)
+    return y
 
 
 def supports(q: Tensor, k_cache: Tensor) -> bool:

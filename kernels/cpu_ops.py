@@ -24,7 +24,8 @@ from kernels import cpu_native, reference
 from kernels.reference import build_rope_cache, store_kv
 
 __all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "rope_and_store_kv",
-           "silu_and_mul", "decode_attention", "prefill_attention", "argmax_rows"]
+           "silu_and_mul", "decode_attention", "prefill_attention", "per_token_queries",
+           "argmax_rows"]
 
 # a prefill chunk longer than this attends alone (SDPA), not in a padded group
 GROUP_MAX_NEW_TOKENS = 256
@@ -129,6 +130,17 @@ def _decode_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tens
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
+def per_token_queries(slots: Tensor, prefix_lens: Tensor, cu_new_lens: Tensor,
+                      tokens: int) -> tuple[Tensor, Tensor]:
+    """Every new token of the prefill chunks as a query of its own: its table slot and how
+    many keys it sees (token i of a chunk after `prefix` cached ones sees prefix + i + 1)."""
+    new_lens = cu_new_lens[1:] - cu_new_lens[:-1]  # [batch]
+    token_slots = slots.repeat_interleave(new_lens)  # [tokens]
+    within = torch.arange(tokens, device=slots.device) - cu_new_lens[:-1].repeat_interleave(
+        new_lens)
+    return token_slots, prefix_lens.repeat_interleave(new_lens) + within + 1
+
+
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                       slots: Tensor, prefix_lens: Tensor, cu_new_lens: Tensor, max_new_len: int,
                       scale: float) -> Tensor:
@@ -136,12 +148,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token:
     # q: [total_new, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
     lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
     if lib is not None and q.shape[0]:
-        # every new token is a query of its own: token i of a chunk sees prefix + i + 1 keys
-        new_lens = cu_new_lens[1:] - cu_new_lens[:-1]  # [batch]
-        token_slots = slots.repeat_interleave(new_lens)  # [total_new]
-        within = torch.arange(q.shape[0], device=q.device) - cu_new_lens[:-1].repeat_interleave(
-            new_lens)
-        visible = prefix_lens.repeat_interleave(new_lens) + within + 1
+        token_slots, visible = per_token_queries(slots, prefix_lens, cu_new_lens, q.shape[0])
         return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, token_slots,
                                          visible, scale)
     out = torch.empty_like(q)

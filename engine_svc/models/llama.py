@@ -8,10 +8,12 @@ key and value through the request->token table.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from engine_svc.models.native_layers import NativeLayers
 from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
 from kernels import cpu_linear
 from kernels.backend import KernelOps
@@ -50,19 +52,35 @@ class LlamaModel:
                  max_positions: int, prepack: bool = False) -> None:
         self.config = config
         self.weights = prepack_for_cpu(weights) if prepack else weights
-        self.linear = cpu_linear.linear_for(self.weights.lm_head)  # F.linear or packed_linear
+        # F.linear, or the function for how prepack_for_cpu packed every projection
+        self.linear = cpu_linear.linear_for(self.weights.lm_head)
         self.ops = ops
         device = weights.embed_tokens.device
         # cos_sin: [max_positions, head_dim] float32
         self.cos_sin = ops.build_rope_cache(config.head_dim, max_positions, config.rope_theta,
                                             config.rope_scaling, device)
         self.scale = config.head_dim ** -0.5
+        # every layer in one C call where the model runs packed bf16 on CPU (else None)
+        self.native = NativeLayers.create(config, self.weights, ops, self.cos_sin, self.scale)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Run all layers; returns float32 logits [batch, vocab] at each request's last token."""
         w, ops, eps, linear = self.weights, self.ops, self.config.rms_norm_eps, self.linear
         hidden = F.embedding(batch.input_ids, w.embed_tokens)  # [tokens, hidden]
+        if self.native is not None:
+            hidden, residual = self.native.run(hidden, batch, cache)
+        else:
+            hidden, residual = self._layers(hidden, batch, cache)
+        last = hidden.index_select(0, batch.logits_index)
+        last_residual = residual.index_select(0, batch.logits_index)
+        x, _ = ops.rms_norm(last, w.final_norm, eps, last_residual)
+        return linear(x, w.lm_head, None).float()  # [batch, vocab]
+
+    def _layers(self, hidden: torch.Tensor, batch: ForwardBatch,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers one kernel call at a time: (last output, residual stream)."""
+        w, ops, eps, linear = self.weights, self.ops, self.config.rms_norm_eps, self.linear
         residual: torch.Tensor | None = None
         for index, layer in enumerate(w.layers):
             x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
@@ -71,10 +89,8 @@ class LlamaModel:
             x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual)
             hidden = linear(ops.silu_and_mul(linear(x, layer.gate_up_proj, None)), layer.down_proj,
                             None)
-        last = hidden.index_select(0, batch.logits_index)
-        last_residual = residual.index_select(0, batch.logits_index)
-        x, _ = ops.rms_norm(last, w.final_norm, eps, last_residual)
-        return linear(x, w.lm_head, None).float()  # [batch, vocab]
+        assert residual is not None, "a model has at least one layer"
+        return hidden, residual
 
     def _attention(self, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
                    k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -103,10 +119,22 @@ class LlamaModel:
         return self.linear(out.reshape(tokens, q_size), layer.o_proj, None)
 
 
+def cpu_pack_for(weights: ModelWeights) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How prepack_for_cpu packs: for the C kernel when every projection fits it, else for
+    oneDNN where torch has it, else None (projections stay plain)."""
+    projections = [weights.lm_head] + [w for layer in weights.layers for w in (
+        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    if all(cpu_linear.can_pack_native(w) for w in projections):
+        return cpu_linear.pack_native
+    return cpu_linear.prepack if cpu_linear.can_prepack(weights.lm_head) else None
+
+
 def prepack_for_cpu(weights: ModelWeights) -> ModelWeights:
-    """The same weights with every projection (and the LM head) reordered once for oneDNN;
-    embeddings and norms stay plain. Only for bf16 on CPU (see kernels.cpu_linear)."""
-    pack = cpu_linear.prepack
+    """The same weights with every projection (and the LM head) packed once for a faster bf16
+    product; embeddings and norms stay plain. Only for bf16 on CPU (see kernels.cpu_linear)."""
+    pack = cpu_pack_for(weights)
+    if pack is None:
+        raise ValueError("prepack_for_cpu: neither the C kernel nor oneDNN takes these weights")
     layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
                       gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
               for layer in weights.layers]

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels.h"
 #include "vec16.h"
 
 /* below this many elements a call stays on one thread (OpenMP start-up costs more) */
@@ -148,22 +149,6 @@ void rope(void *x, int64_t token_stride, int64_t head_stride, int64_t tokens, in
     (is_bf16 ? rope_bf16 : rope_f32)(x, token_stride, head_stride, tokens, heads, head_dim,
                                      cos_sin, positions);
 }
-
-/* Where one step's new q, k, v lie: views of [tokens, heads, head_dim] with unit last stride. */
-typedef struct {
-    void *q, *k;
-    const void *v;
-    int64_t q_token_stride, q_head_stride, k_token_stride, k_head_stride;
-    int64_t v_token_stride, v_head_stride;
-    int64_t tokens, q_heads, kv_heads, head_dim;
-} new_qkv;
-
-/* Where they go: the pool [capacity, kv_heads, head_dim] (k and v share strides) at rows. */
-typedef struct {
-    void *k_cache, *v_cache;
-    int64_t row_stride, head_stride, capacity;
-    const int64_t *rows;
-} pool_rows;
 
 #define DEFINE_ROPE_STORE(NAME, ROPE_HEAD, ELEMENT)                                            \
 static void NAME(const new_qkv *n, const pool_rows *p, const float *cos_sin,                  \

@@ -72,21 +72,29 @@ def prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
 
 @pytest.mark.skipif(not __import__("kernels.cpu_linear", fromlist=["x"]).can_prepack(
     torch.zeros(1, 1, dtype=torch.bfloat16)), reason="no oneDNN bf16 linear in this torch build")
-def test_bf16_prepacked_projections_change_no_token(tmp_path, make_tiny_model, monkeypatch):
-    """bf16 on CPU reorders the projections for oneDNN once; outputs must be what plain
-    F.linear gives, for prefill, decode and a mixed batch."""
+@pytest.mark.parametrize("pack_format", ["native", "onednn"])
+def test_bf16_prepacked_projections_change_no_token(tmp_path, make_tiny_model, monkeypatch,
+                                                    pack_format):
+    """bf16 on CPU packs the projections once (for the C kernel, or reordered for oneDNN);
+    outputs must be what plain F.linear gives, for prefill, decode and a mixed batch."""
     from kernels import cpu_linear
 
+    monkeypatch.setenv("LLMSERVE_CPU_GEMM", pack_format)
+    if pack_format == "native" and not cpu_linear.native_available():
+        pytest.skip("no AVX512-BF16 build of the C kernels here")
     model_dir = make_tiny_model(tmp_path, arch="qwen2", num_kv_heads=1, seed=11)  # has QKV bias
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=generator).tolist() for n in (3, 30, 61)]
     stopping = StoppingParams(max_new_tokens=20, ignore_eos=True)
     packed_engine = make_engine(model_dir, dtype="bfloat16")
-    assert packed_engine.runner.model.weights.layers[0].qkv_proj.is_mkldnn
+    qkv = packed_engine.runner.model.weights.layers[0].qkv_proj
+    assert (qkv.dim() == 3) if pack_format == "native" else qkv.is_mkldnn
     packed = packed_engine.generate(prompts, GREEDY, stopping)
     monkeypatch.setattr(cpu_linear, "can_prepack", lambda weight: False)
+    monkeypatch.setattr(cpu_linear, "can_pack_native", lambda weight: False)
     plain_engine = make_engine(model_dir, dtype="bfloat16")
-    assert not plain_engine.runner.model.weights.layers[0].qkv_proj.is_mkldnn
+    qkv = plain_engine.runner.model.weights.layers[0].qkv_proj
+    assert qkv.dim() == 2 and not qkv.is_mkldnn
     assert plain_engine.generate(prompts, GREEDY, stopping) == packed
     assert packed_engine.runner.memory_stats()["weights"] == \
         plain_engine.runner.memory_stats()["weights"] + (

@@ -1,0 +1,90 @@
+"""All decoder layers in one C call (engine_svc/models/native_layers.py) against the Python loop
+of the same kernels: identical logits and K/V, the same errors, and used only where it applies."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_svc.models.native_layers import NativeLayers
+from engine_svc.params import StoppingParams
+from kernels import cpu_linear
+from tests.engine.helpers import GREEDY, make_engine
+
+needs_native = pytest.mark.skipif(not cpu_linear.native_available(),
+                                  reason="no AVX512-BF16 build of the C kernels here")
+
+
+def _mixed_step(engine, generator: torch.Generator):
+    """A plan with three decoding requests and a prompt chunk after its first chunk (the
+    engine's token budget is 16)."""
+    def add(name: str, length: int) -> None:
+        prompt = torch.randint(3, 320, (length,), generator=generator).tolist()
+        engine.add_request(name, prompt, GREEDY, StoppingParams(max_new_tokens=32,
+                                                                ignore_eos=True))
+
+    for index, length in enumerate((3, 10, 5)):
+        add(f"decoding-{index}", length)
+    while engine.last_step.phase != "decode":
+        engine.step()
+    add("chunked", 40)
+    engine.step()
+    plan = engine.scheduler.schedule()
+    assert len(plan.decode) == 3 and len(plan.prefill) == 1 and plan.prefill[0].start > 0
+    return plan
+
+
+@needs_native
+@pytest.mark.parametrize("arch, kv_heads", [("qwen2", 1), ("llama", 2)])
+def test_native_layers_equal_the_python_loop(tmp_path, make_tiny_model, arch, kv_heads):
+    model_dir = make_tiny_model(tmp_path, arch=arch, num_kv_heads=kv_heads, seed=3)
+    engine = make_engine(model_dir, dtype="bfloat16", max_num_batched_tokens=16)
+    model, cache = engine.runner.model, engine.runner.cache
+    assert model.native is not None   # packed bf16 on the CPU ops: the C loop is taken
+    plan = _mixed_step(engine, torch.Generator().manual_seed(9))
+    batch, _ = engine.runner._build_batch(plan)
+    before = [t.clone() for t in cache.k + cache.v]
+    native_logits = model.forward(batch, cache)
+    native_kv = [t.clone() for t in cache.k + cache.v]
+    for pool, saved in zip(cache.k + cache.v, before):   # the Python loop writes the rows anew
+        pool.copy_(saved)
+    native, model.native = model.native, None
+    try:
+        python_logits = model.forward(batch, cache)
+    finally:
+        model.native = native
+    assert torch.equal(native_logits, python_logits)
+    assert all(torch.equal(a, b) for a, b in zip(native_kv, cache.k + cache.v))
+    assert not all(torch.equal(a, b) for a, b in zip(native_kv, before))   # rows were written
+    assert native_logits.abs().sum() > 0
+
+
+@needs_native
+def test_native_layers_refuse_bad_rows_slots_and_positions(tmp_path, make_tiny_model):
+    engine = make_engine(make_tiny_model(tmp_path, seed=4), dtype="bfloat16",
+                         max_num_batched_tokens=16)
+    model, cache = engine.runner.model, engine.runner.cache
+    plan = _mixed_step(engine, torch.Generator().manual_seed(2))
+    capacity = cache.k[0].shape[0]
+    for field, value, message in [("out_rows", capacity, "pool row"),
+                                  ("positions", 10**6, "position"),
+                                  ("slots", cache.req_to_token.shape[0], "slot")]:
+        batch, _ = engine.runner._build_batch(plan)
+        getattr(batch, field)[0] = value
+        with pytest.raises(IndexError, match=message):
+            model.forward(batch, cache)
+    batch, _ = engine.runner._build_batch(plan)   # and the engine goes on afterwards
+    logits = model.forward(batch, cache)
+    assert logits.shape[0] == len(batch.logits_index) and torch.isfinite(logits).all()
+
+
+def test_native_layers_only_where_they_apply(tmp_path, make_tiny_model, monkeypatch):
+    model_dir = make_tiny_model(tmp_path, seed=5)
+    assert make_engine(model_dir).runner.model.native is None            # fp32: MKL, Python loop
+    monkeypatch.setenv("LLMSERVE_CPU_LAYERS", "python")
+    assert make_engine(model_dir, dtype="bfloat16").runner.model.native is None
+    monkeypatch.setenv("LLMSERVE_CPU_LAYERS", "native")
+    monkeypatch.setenv("LLMSERVE_CPU_GEMM", "onednn")                   # oneDNN-packed weights
+    engine = make_engine(model_dir, dtype="bfloat16")
+    assert engine.runner.model.native is None
+    assert NativeLayers.create(engine.runner.model_config, engine.runner.model.weights,
+                               engine.runner.model.ops, engine.runner.model.cos_sin, 1.0) is None
