@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -196,8 +197,35 @@ def stable_prompt_ids(encode: Callable[[str], list[int]], decode: Callable[[list
 
 
 # ---- services on loopback -----------------------------------------------------------------------
+_handed_out_ports: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux; else IANA's 49152)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port that binds now, for a service started right after. Chosen below the
+    ephemeral range: a bind(0) port comes from that range, where any client connection's source
+    port can take it before the service binds (seen as 'Address already in use' in tests)."""
+    low = _ephemeral_low()
+    candidates = random.Random().sample(range(max(1024, low - 16384), low), 64)
+    for port in candidates:
+        if port in _handed_out_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out_ports.add(port)
+        return port
+    with socket.socket() as sock:   # that whole range busy: let the kernel pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -162,3 +162,19 @@ def test_hf_side_goes_on_through_eos_like_ignore_eos(tmp_path: Path) -> None:
         for step_out in engine.step():
             engine_out.extend(step_out.token_ids)
     assert engine_out == out
+
+
+def test_free_port_binds_and_stays_out_of_the_ephemeral_range() -> None:
+    """A bind(0) port lies in the range client connections take their source ports from, so a
+    service started on it could lose it first; free_port picks below that range."""
+    import socket
+
+    from bench import common
+
+    ports = [common.free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)   # never handed out twice in a process
+    low = common._ephemeral_low()
+    for port in ports:
+        assert 1024 <= port < low
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

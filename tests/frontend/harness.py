@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.common import free_port  # noqa: F401  (tests import it from here)
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
 from tests.fakes.fake_engine import FakeEngine, FakeEngineServer, ScriptedReply
 from tests.fakes.tiny_tokenizer import service_tokenizer_dir
@@ -48,12 +48,6 @@ def text_reply(**overrides) -> Callable[[object], ScriptedReply]:
     def script(request) -> ScriptedReply:
         return ScriptedReply(token_ids=reply_ids(), **overrides)
     return script
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
