@@ -4,7 +4,9 @@ Wraps (from outside: no engine code is changed) the engine's step phases, each k
 every F.linear (split by weight shape: qkv, o_proj, gate_up, down, lm_head) and the sampler with
 wall-clock timers, runs --steps pure-decode steps per batch size and prints ms per step per part.
 "Python/glue" is what the step took beyond the timed parts (views, dataclasses, tensor building).
-Untimed steps are measured first so the timers' own overhead shows.
+Untimed steps are measured first so the timers' own overhead shows. A bf16 model on CPU runs its
+layers in one C call (engine_svc/models/native_layers.py): the untimed steps use it, the timed
+ones the Python loop over the same kernels, so the parts show where the time goes.
 
     python bench/profile_decode.py --batch 1 32 --dtype float32 --threads 2 --json OUT
 """
@@ -106,10 +108,17 @@ def profile_batch(engine, timers: Timers, batch: int, prompt_len: int, steps: in
         timers.seconds.clear()
         timers.calls.clear()
         timers.enabled = True
+        # the per-kernel breakdown needs the Python layer loop (the same kernels one call at a
+        # time); the untimed steps above ran the C loop where the model has one
+        model = engine.runner.model
+        native, model.native = model.native, None
         start = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-            assert engine.last_step.phase == "decode" and engine.last_step.batch_size == batch
+        try:
+            for _ in range(steps):
+                engine.step()
+                assert engine.last_step.phase == "decode" and engine.last_step.batch_size == batch
+        finally:
+            model.native = native
         wall = time.perf_counter() - start
         timers.enabled = False
     while engine.has_work():
