@@ -4,7 +4,7 @@
  * engine_svc/models/llama.py runs one by one (RMSNorm, QKV product, RoPE + K/V store, pool
  * attention, output product, RMSNorm, gate/up product, SiLU*up, down product), so the numbers
  * are identical; what goes is ~9 Python calls, ctypes crossings and tensor allocations per layer
- * (about 3 ms of a 34 ms step for 32 requests, and a third of a one-request step here).
+ * (a decode step here: 32.2 -> 28.4 ms for 32 requests, 12.6 -> 8.7 ms for one).
  * Decode and prefill tokens are alike to the attention kernel: each token is a query over the
  * first seq_lens[t] tokens of its table row.
  */
