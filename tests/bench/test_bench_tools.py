@@ -178,3 +178,18 @@ def test_free_port_binds_and_stays_out_of_the_ephemeral_range() -> None:
         assert 1024 <= port < low
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_cpu_gemm_bench_prints_and_saves_ratios(tmp_path: Path) -> None:
+    from kernels import cpu_linear
+
+    if not cpu_linear.native_available():
+        pytest.skip("no AVX512-BF16 build of the C kernels here")
+    out = tmp_path / "gemm.json"
+    done = run_tool("bench/cpu_gemm.py", "--rows", "3", "--layers", "1", "--repeats", "1",
+                    "--json", str(out))
+    assert "all (a step)" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert {r["projection"] for r in results} == {"qkv_proj", "o_proj", "gate_up_proj",
+                                                  "down_proj", "lm_head"}
+    assert all(r["rows"] == 3 and r["native_ms"] > 0 and r["speedup"] > 0 for r in results)
