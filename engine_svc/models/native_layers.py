@@ -47,9 +47,10 @@ class NativeLayers:
         if cpu_linear.linear_for(weights.lm_head) is not cpu_linear.native_linear:
             return None   # not packed by cpu_linear.pack_native (all or none are)
         for layer in weights.layers:
-            for norm in (layer.input_norm, layer.post_norm, layer.qkv_bias):
-                if norm is not None and (norm.dtype != torch.bfloat16 or not norm.is_contiguous()):
-                    return None
+            for vector in (layer.input_norm, layer.post_norm, layer.qkv_bias):
+                if vector is not None and (vector.dtype != torch.bfloat16
+                                           or not vector.is_contiguous()):
+                    return None   # the C loop reads norms and biases as plain bf16 arrays
         lib = cpu_native.load()
         group = config.num_heads // config.num_kv_heads
         if (lib is None or group > cpu_native.MAX_GROUP or config.head_dim > cpu_native.MAX_HEAD_DIM
