@@ -13,7 +13,7 @@ import torch
 
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
-from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel, cpu_pack_for
+from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.weights import ModelConfig, load_weights
@@ -91,10 +91,9 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)
-        prepack = self.device.type == "cpu" and cpu_pack_for(weights) is not None
         self.model = LlamaModel(model_config, weights, get_ops(self.backend),
-                                config.max_model_len, prepack=prepack)
-        if prepack:
+                                config.max_model_len, prepack=self.device.type == "cpu")
+        if self.model.linear in (cpu_linear.native_linear, cpu_linear.packed_linear):
             log.info("bf16 projections packed once for %s (kernels/cpu_linear.py)",
                      "the AVX512-BF16 C kernel" if self.model.linear is cpu_linear.native_linear
                      else "oneDNN")

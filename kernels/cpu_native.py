@@ -103,7 +103,7 @@ def load() -> ctypes.CDLL | None:
 
 
 class _NewQKV(ctypes.Structure):
-    """new_qkv in elementwise.c: one step's q, k, v views (strides in elements)."""
+    """new_qkv in csrc/kernels.h: one step's q, k, v views (strides in elements)."""
 
     _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)] + [
         (name, ctypes.c_int64) for name in (
@@ -112,7 +112,7 @@ class _NewQKV(ctypes.Structure):
 
 
 class _PoolRows(ctypes.Structure):
-    """pool_rows in elementwise.c: the K/V pool and the rows receiving the new tokens."""
+    """pool_rows in csrc/kernels.h: the K/V pool and the rows receiving the new tokens."""
 
     _fields_ = [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("row_stride", ctypes.c_int64), ("head_stride", ctypes.c_int64),

@@ -119,9 +119,9 @@ class LlamaModel:
         return self.linear(out.reshape(tokens, q_size), layer.o_proj, None)
 
 
-def cpu_pack_for(weights: ModelWeights) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """How prepack_for_cpu packs: for the C kernel when every projection fits it, else for
-    oneDNN where torch has it, else None (projections stay plain)."""
+def _cpu_pack_for(weights: ModelWeights) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For the C kernel when every projection fits it, else for oneDNN where torch has it,
+    else None (projections stay plain)."""
     projections = [weights.lm_head] + [w for layer in weights.layers for w in (
         layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
     if all(cpu_linear.can_pack_native(w) for w in projections):
@@ -131,10 +131,11 @@ def cpu_pack_for(weights: ModelWeights) -> Callable[[torch.Tensor], torch.Tensor
 
 def prepack_for_cpu(weights: ModelWeights) -> ModelWeights:
     """The same weights with every projection (and the LM head) packed once for a faster bf16
-    product; embeddings and norms stay plain. Only for bf16 on CPU (see kernels.cpu_linear)."""
-    pack = cpu_pack_for(weights)
+    product (the C kernel, else oneDNN); embeddings and norms stay plain. Weights neither takes
+    (fp32, or a torch without oneDNN) come back unchanged."""
+    pack = _cpu_pack_for(weights)
     if pack is None:
-        raise ValueError("prepack_for_cpu: neither the C kernel nor oneDNN takes these weights")
+        return weights
     layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
                       gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
               for layer in weights.layers]
