@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_svc.engine import LLMEngine, QueueFullError, RequestOutput
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+from engine_svc.stream_interval import StreamCoalescer
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
 
 log = logging.getLogger("engine_svc")
@@ -41,7 +42,8 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: EngineMetrics,
                  loop: asyncio.AbstractEventLoop,
                  on_crash: Callable[[], None] | None = None,
-                 engine_thread: ThreadPoolExecutor | None = None) -> None:
+                 engine_thread: ThreadPoolExecutor | None = None,
+                 stream_interval: int = 1) -> None:
         """on_crash runs on the asyncio loop after a crash has failed every open stream.
 
         engine_thread: the one-worker executor the engine was built on. Steps then run on the
@@ -53,6 +55,9 @@ class EngineLoop:
         self.loop = loop
         self.on_crash = on_crash
         self.queues: dict[str, asyncio.Queue] = {}
+        # tokens are held here, on the engine thread, so a step with nothing to send does not
+        # wake the event loop at all
+        self.coalescer = StreamCoalescer(stream_interval)
         self._stop = threading.Event()
         self._engine_thread = engine_thread or ThreadPoolExecutor(1, "engine-loop")
         self._running: Future | None = None
@@ -75,8 +80,12 @@ class EngineLoop:
                 self.engine.wait_for_work(timeout=0.05)
                 outputs = self.engine.step()
                 self.metrics.record_step(outputs)
-                if outputs:
-                    self.loop.call_soon_threadsafe(self._dispatch, outputs)
+                ready = self.coalescer.push(outputs)
+                if ready:
+                    self.loop.call_soon_threadsafe(self._dispatch, ready)
+            held = self.coalescer.flush()
+            if held:
+                self.loop.call_soon_threadsafe(self._dispatch, held)
         except BaseException as err:  # a crash here must not leave streams hanging
             log.exception("engine loop crashed")
             self.error = err
@@ -228,9 +237,12 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
                 model_name: str, drain_timeout: float = 30.0,
                 server_credentials: grpc.ServerCredentials | None = None,
                 max_message_bytes: int = 4 * 1024 * 1024,
-                engine_thread: ThreadPoolExecutor | None = None) -> int:
+                engine_thread: ThreadPoolExecutor | None = None, stream_interval: int = 1) -> int:
     """Serve until SIGTERM/SIGINT, drain in-flight streams and return 0; or, if the engine loop
-    crashes, go NOT_SERVING, fail the open streams and return 1 (so a supervisor restarts us)."""
+    crashes, go NOT_SERVING, fail the open streams and return 1 (so a supervisor restarts us).
+
+    stream_interval: tokens per streamed message after a request's first (see stream_interval.py).
+    """
     import signal
 
     loop = asyncio.get_running_loop()
@@ -238,7 +250,8 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
     if metrics_port is not None:
         metrics.serve(metrics_port, host)
     stop = asyncio.Event()
-    engine_loop = EngineLoop(engine, metrics, loop, on_crash=stop.set, engine_thread=engine_thread)
+    engine_loop = EngineLoop(engine, metrics, loop, on_crash=stop.set, engine_thread=engine_thread,
+                             stream_interval=stream_interval)
     servicer = EngineServicer(engine, engine_loop, model_name)
     server, health_servicer = _build_server(servicer, max_message_bytes)
     address = f"{host}:{port}"

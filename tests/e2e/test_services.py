@@ -199,3 +199,56 @@ def test_every_metric_is_exported_and_counters_grow(stack):
     assert (metric_value(after_front, "llmserve_frontend_requests_total")
             > metric_value(before_front, "llmserve_frontend_requests_total"))
     assert metric_value(after_engine, "llmserve_kv_pool_capacity_tokens") == 8192
+
+
+def engine_messages(address: str, prompt_ids: list[int], max_new_tokens: int,
+                    top_logprobs: int = 0) -> list:
+    from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
+
+    request = engine_pb2.EngineGenerateRequest(
+        prompt_token_ids=prompt_ids, sampling=generate_pb2.SamplingParams(temperature=0.0),
+        max_new_tokens=max_new_tokens, ignore_eos=True, top_logprobs=top_logprobs)
+    with grpc.insecure_channel(address) as channel:
+        return list(engine_pb2_grpc.EngineStub(channel).Generate(request, timeout=120))
+
+
+def test_stream_interval_sends_tokens_in_threes_with_the_same_ids_and_text(
+        stack, default_model_dir, tmp_path):
+    from llmserve.v1 import generate_pb2
+
+    default_engine, default_tokenizer = stack
+    prompt = "The capital of France is"
+    prompt_ids = list(stub(default_tokenizer.address).Tokenize(
+        generate_pb2.TokenizeRequest(text=prompt)).token_ids)
+    one_by_one = engine_messages(default_engine.address, prompt_ids, 8, top_logprobs=2)
+    text_one_by_one = collect(stub(default_tokenizer.address).Generate(
+        greedy_request(prompt, max_new_tokens=8, ignore_eos=True)))[0]
+    engine = start_engine(default_model_dir, tmp_path, "--stream-interval", "3")
+    tokenizer = None
+    try:
+        engine.wait_serving()
+        grouped = engine_messages(engine.address, prompt_ids, 8, top_logprobs=2)
+        tokenizer = start_tokenizer(default_model_dir, engine.address, tmp_path)
+        tokenizer.wait_serving()
+        deltas = list(stub(tokenizer.address).Generate(
+            greedy_request(prompt, max_new_tokens=8, ignore_eos=True)))
+    finally:
+        if tokenizer is not None:
+            tokenizer.stop()
+        assert engine.stop() == 0, engine.log_path.read_text()[-2000:]
+    assert [len(m.token_ids) for m in one_by_one] == [1] * 8
+    assert [len(m.token_ids) for m in grouped] == [1, 3, 3, 1]   # first at once, the rest in 3s
+    assert [t for m in grouped for t in m.token_ids] == [t for m in one_by_one for t in m.token_ids]
+    assert ([(lp.token_id, lp.top[1].token_id) for m in grouped for lp in m.logprobs]
+            == [(lp.token_id, lp.top[1].token_id) for m in one_by_one for lp in m.logprobs])
+    assert grouped[-1].finish_reason == one_by_one[-1].finish_reason != 0
+    assert grouped[-1].usage.completion_tokens == 8
+    assert not any(m.HasField("usage") for m in grouped[:-1])
+    assert [len(d.token_ids) for d in deltas] == [1, 3, 3, 1]   # the tokenizer keeps the groups
+    assert "".join(d.text for d in deltas) == text_one_by_one
+
+
+def test_stream_interval_below_one_is_refused_before_loading(default_model_dir, tmp_path):
+    engine = start_engine(default_model_dir, tmp_path, "--stream-interval", "0")
+    assert engine.process.wait(timeout=60) == 2
+    assert "--stream-interval must be >= 1, got 0" in engine.log_path.read_text()
