@@ -155,8 +155,9 @@ def run_method(method: str, dtype: str, scenarios: list[Scenario],
     if method == "engine":
         return run_engine(args.model, dtype, scenarios, args.max_model_len, args.device)
     log_dir = Path(tempfile.mkdtemp(prefix="llmserve-vs-hf-"))
-    return run_service(args.model, dtype, scenarios, args.max_model_len, args.threads, log_dir,
-                       args.device)
+    return [m for interval in args.stream_intervals
+            for m in run_service(args.model, dtype, scenarios, args.max_model_len, args.threads,
+                                 log_dir, args.device, stream_interval=interval)]
 
 
 def ratio_table(results: list[Measurement]) -> list[dict]:
@@ -166,28 +167,31 @@ def ratio_table(results: list[Measurement]) -> list[dict]:
         if m.method in ("hf_sequential", "hf_batched"):
             key = (m.scenario, m.method)
             best[key] = max(best.get(key, 0.0), m.tokens_per_s)
+    engine = {(m.scenario, m.dtype): m.tokens_per_s for m in results if m.method == "engine"}
     rows = []
     for m in results:
         row = {k: v for k, v in asdict(m).items() if k != "outputs"}
         for base in ("hf_sequential", "hf_batched"):
             ref = best.get((m.scenario, base))
             row[f"x_vs_{base}"] = m.tokens_per_s / ref if ref else None
+        in_process = engine.get((m.scenario, m.dtype))
+        row["x_vs_engine"] = (m.tokens_per_s / in_process
+                              if in_process and m.method.startswith("service") else None)
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'scenario':16} {'method':14} {'dtype':9} {'tok/s':>9} {'x HF seq':>9} "
-            f"{'x HF batch':>10} {'exact':>6} {'agree':>6} {'others':>6}  note")
+            f"{'x HF batch':>10} {'x engine':>9} {'exact':>6} {'agree':>6} {'others':>6}  note")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         ratios = [f"{r[k]:.2f}" if r[k] is not None else "-"
-                  for k in ("x_vs_hf_sequential", "x_vs_hf_batched")]
+                  for k in ("x_vs_hf_sequential", "x_vs_hf_batched", "x_vs_engine")]
         agree = f"{r['agree_with_hf']:.2f}" if r["agree_with_hf"] is not None else "-"
         print(f"{r['scenario']:16} {r['method']:14} {r['dtype']:9} {r['tokens_per_s']:9.1f} "
-              f"{ratios[0]:>9} {ratios[1]:>10} {str(r['exact_counts']):>6} {agree:>6} "
-              f"{r['others_cores']:6.2f}  "
-              f"{r['note']}")
+              f"{ratios[0]:>9} {ratios[1]:>10} {ratios[2]:>9} {str(r['exact_counts']):>6} "
+              f"{agree:>6} {r['others_cores']:6.2f}  {r['note']}")
 
 
 def ttft_overheads(rows: list[dict]) -> list[dict]:
@@ -197,17 +201,19 @@ def ttft_overheads(rows: list[dict]) -> list[dict]:
     out = []
     for (scenario, dtype, method), row in by_key.items():
         engine = by_key.get((scenario, dtype, "engine"))
-        if method != "service" or engine is None:
+        if not method.startswith("service") or engine is None:
             continue
         service_p50 = row["extra"].get("ttft_ms", {}).get("p50")
         engine_p50 = engine["extra"].get("ttft_ms", {}).get("p50")
         if service_p50 is None or engine_p50 is None:
             continue
-        out.append({"scenario": scenario, "dtype": dtype, "engine_ttft_p50_ms": engine_p50,
+        out.append({"scenario": scenario, "dtype": dtype, "method": method,
+                    "engine_ttft_p50_ms": engine_p50,
                     "service_ttft_p50_ms": service_p50,
                     "overhead_p50_ms": service_p50 - engine_p50})
     for o in out:
-        print(f"TTFT p50 {o['scenario']:16} {o['dtype']:9} engine {o['engine_ttft_p50_ms']:8.1f} ms"
+        print(f"TTFT p50 {o['scenario']:16} {o['dtype']:9} {o['method']:12} "
+              f"engine {o['engine_ttft_p50_ms']:8.1f} ms"
               f"  service {o['service_ttft_p50_ms']:8.1f} ms  overhead "
               f"{o['overhead_p50_ms']:+.1f} ms")
     return out
@@ -238,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-repeats", type=int, default=20,
                    help="requests of the ttft_probe scenario (one prompt repeated; 0: none)")
     p.add_argument("--no-service", action="store_true", help="skip (d), the gRPC services")
+    p.add_argument("--stream-intervals", type=int, nargs="+", default=[1], metavar="N",
+                   help="run the services once per value of the engine's --stream-interval "
+                        "(method service, or service_siN for N > 1; default 1)")
     add_quiet_machine_args(p, "method")
     p.add_argument("--quick", action="store_true",
                    help="2 single prompts, batch 8, 16 new tokens, prompts of 16-32 tokens")
@@ -249,6 +258,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("threads", "single_prompts", "batch", "new_tokens", "min_prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(n < 1 for n in args.stream_intervals):
+        raise ValueError(f"--stream-intervals values must be >= 1, got {args.stream_intervals}")
     if args.ttft_repeats < 0:
         raise ValueError(f"--ttft-repeats must be >= 0, got {args.ttft_repeats}")
     if args.max_prompt_len < args.min_prompt_len:

@@ -216,14 +216,16 @@ def run_engine(model_dir: Path, dtype: str, scenarios: list, max_model_len: int,
 
 # ---- this engine, over gRPC -------------------------------------------------------------------
 def run_service(model_dir: Path, dtype: str, scenarios: list, max_model_len: int, threads: int,
-                log_dir: Path, device: str = "cpu") -> list[Measurement]:
-    """(d) both services on loopback; requests sent sequentially or all at once."""
+                log_dir: Path, device: str = "cpu", stream_interval: int = 1) -> list[Measurement]:
+    """(d) both services on loopback; requests sent sequentially or all at once. Method
+    "service", or "service_siN" when the engine streams N tokens per message."""
     from bench.serve import LoadSpec, Prompt, run_load
     from bench.serve_report import summarize_run
 
     batch = max(len(s.prompt_ids) for s in scenarios)
     engine_args = ["--dtype", dtype, "--device", device, "--max-model-len", str(max_model_len),
-                   "--max-num-seqs", str(max(32, batch))]
+                   "--max-num-seqs", str(max(32, batch)), "--stream-interval", str(stream_interval)]
+    method = "service" if stream_interval == 1 else f"service_si{stream_interval}"
     results = []
     logging.getLogger(__name__).info("starting services (logs in %s)", log_dir)
     with Services(model_dir, engine_args, threads, log_dir) as services:
@@ -244,7 +246,7 @@ def run_service(model_dir: Path, dtype: str, scenarios: list, max_model_len: int
                 f"{summary['failed']} failed {summary['errors']}" if summary["failed"] else "",
                 f"{mismatched} prompts tokenized to another length" if mismatched else ""]))
             results.append(Measurement(
-                scenario.name, "service", dtype, len(prompts), scenario.new_tokens, seconds,
+                scenario.name, method, dtype, len(prompts), scenario.new_tokens, seconds,
                 outputs=[r.token_ids for r in records if not r.error], note=note,
                 others_cores=load.others_cores,
                 extra={k: summary[k] for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}))

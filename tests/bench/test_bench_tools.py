@@ -105,9 +105,33 @@ def test_ttft_overhead_pairs_service_with_engine_per_scenario_and_dtype() -> Non
     rows = [row("single", "bfloat16", "engine", 20.0), row("single", "bfloat16", "service", 27.5),
             row("single", "float32", "service", 50.0),               # no engine row: skipped
             row("single", "bfloat16", "hf_sequential", None),
-            row("many", "bfloat16", "engine", 100.0), row("many", "bfloat16", "service", 90.0)]
-    out = {(o["scenario"], o["dtype"]): o["overhead_p50_ms"] for o in ttft_overheads(rows)}
-    assert out == {("single", "bfloat16"): pytest.approx(7.5), ("many", "bfloat16"): -10.0}
+            row("many", "bfloat16", "engine", 100.0), row("many", "bfloat16", "service", 90.0),
+            row("many", "bfloat16", "service_si2", 104.0)]
+    out = {(o["scenario"], o["dtype"], o["method"]): o["overhead_p50_ms"]
+           for o in ttft_overheads(rows)}
+    assert out == {("single", "bfloat16", "service"): pytest.approx(7.5),
+                   ("many", "bfloat16", "service"): -10.0,
+                   ("many", "bfloat16", "service_si2"): 4.0}
+
+
+def test_ratio_table_gives_every_service_run_its_ratio_to_the_engine() -> None:
+    from bench.vs_hf import ratio_table
+    from bench.vs_hf_runners import Measurement
+
+    def measured(method: str, dtype: str, seconds: float) -> Measurement:
+        return Measurement("many", method, dtype, requests=4, new_tokens=10, seconds=seconds,
+                           outputs=[[1] * 10 for _ in range(4)])
+    rows = ratio_table([measured("hf_batched", "bfloat16", 4.0),
+                        measured("engine", "bfloat16", 1.0),
+                        measured("service", "bfloat16", 1.25),
+                        measured("service_si2", "bfloat16", 1.1),
+                        measured("service", "float32", 2.0)])   # no float32 engine run
+    by_method = {(r["method"], r["dtype"]): r for r in rows}
+    assert by_method["service", "bfloat16"]["x_vs_engine"] == pytest.approx(0.8)
+    assert by_method["service_si2", "bfloat16"]["x_vs_engine"] == pytest.approx(1 / 1.1)
+    assert by_method["service", "float32"]["x_vs_engine"] is None
+    assert by_method["engine", "bfloat16"]["x_vs_engine"] is None
+    assert by_method["service", "bfloat16"]["x_vs_hf_batched"] == pytest.approx(4.0 / 1.25)
 
 
 def test_serve_against_started_services(default_model_dir: Path, tmp_path: Path) -> None:
