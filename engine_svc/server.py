@@ -80,16 +80,17 @@ class EngineLoop:
                 self.engine.wait_for_work(timeout=0.05)
                 outputs = self.engine.step()
                 self.metrics.record_step(outputs)
-                ready = self.coalescer.push(outputs)
-                if ready:
-                    self.loop.call_soon_threadsafe(self._dispatch, ready)
-            held = self.coalescer.flush()
-            if held:
-                self.loop.call_soon_threadsafe(self._dispatch, held)
+                self._hand_over(self.coalescer.push(outputs))
+            self._hand_over(self.coalescer.flush())
         except BaseException as err:  # a crash here must not leave streams hanging
             log.exception("engine loop crashed")
             self.error = err
             self.loop.call_soon_threadsafe(self._fail_all)
+
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        """From the engine thread: route outputs on the event loop (none: leave it asleep)."""
+        if outputs:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
