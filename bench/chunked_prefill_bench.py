@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine_svc.engine import EngineConfig, LLMEngine  # noqa: E402
+from engine_svc.config import EngineConfig  # noqa: E402
+from engine_svc.engine import LLMEngine  # noqa: E402
 from engine_svc.params import SamplingParams, StoppingParams  # noqa: E402
 
 

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
-    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.config import EngineConfig
+    from engine_svc.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device="cpu",
                                     max_model_len=1024, max_num_seqs=max(32, *args.batch)))

@@ -186,7 +186,8 @@ def _step_summary(step_log: list) -> dict:
 def run_engine(model_dir: Path, dtype: str, scenarios: list, max_model_len: int,
                device: str = "cpu") -> list[Measurement]:
     """(c) LLMEngine in this process: sequential scenarios one request at a time."""
-    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.config import EngineConfig
+    from engine_svc.engine import LLMEngine
 
     batch = max(len(s.prompt_ids) for s in scenarios)
     engine = LLMEngine(EngineConfig(model=str(model_dir), dtype=dtype, device=device,

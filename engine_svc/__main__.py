@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max-message-bytes must be >= 1024, got {args.max_message_bytes}",
               file=sys.stderr)
         return 2
-    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.config import EngineConfig
+    from engine_svc.engine import LLMEngine
     from engine_svc.server import BindError, load_server_credentials, serve
 
     try:

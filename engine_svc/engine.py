@@ -11,37 +11,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from engine_svc.config import EngineConfig
 from engine_svc.kv_pool import KVPool
-from engine_svc.model_runner import ModelRunner, RunnerConfig
+from engine_svc.model_runner import ModelRunner
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
 from engine_svc.prefix_cache import PrefixCache
-from engine_svc.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepPlan
+from engine_svc.scheduler import QueueFullError, Scheduler, StepPlan
 from engine_svc.sequence import Sequence, SeqStatus
 from engine_svc.weights import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "LLMEngine", "QueueFullError", "RequestOutput", "StepStats"]
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Everything that shapes an engine instance (CLI flags map onto these)."""
-
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    backend: str = "auto"
-    load_format: str = "auto"
-    max_model_len: int | None = None          # default: min(model's context, 4096)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_queue: int = 1024
-    kv_capacity_tokens: int | None = None
-    gpu_memory_utilization: float = 0.85
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    cuda_graphs: bool | None = None           # None: on for CUDA decode
+__all__ = ["LLMEngine", "QueueFullError", "RequestOutput", "StepStats"]
 
 
 @dataclass(slots=True)
@@ -77,24 +58,14 @@ class LLMEngine:
     """In-process engine: add requests, call `step()` until done, read outputs."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, 4096),
-                                 mc.max_position_embeddings)
-        self.runner = ModelRunner(RunnerConfig(
-            model=config.model, dtype=config.dtype, device=config.device, backend=config.backend,
-            load_format=config.load_format, max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            kv_capacity_tokens=config.kv_capacity_tokens,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
-            cuda_graphs=config.cuda_graphs), mc)
+        self.config = config.resolved(mc.max_position_embeddings)
+        self.max_model_len = self.config.model_len
+        self.runner = ModelRunner(self.config, mc)
         self.pool = KVPool(self.runner.capacity)
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, max_queue=config.max_queue),
-            self.pool, self.prefix_cache)
+        self.scheduler = Scheduler(self.config, self.pool, self.prefix_cache)
         self.eos_ids = frozenset(mc.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()

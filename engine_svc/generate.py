@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-from engine_svc.engine import EngineConfig, LLMEngine
+from engine_svc.config import EngineConfig
+from engine_svc.engine import LLMEngine
 from engine_svc.params import SamplingParams, StoppingParams
 
 

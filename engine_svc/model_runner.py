@@ -6,11 +6,10 @@ samples. Bookkeeping (which rows, which slots) is decided by the scheduler befor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from engine_svc.config import EngineConfig
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
@@ -24,24 +23,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass(slots=True)
-class RunnerConfig:
-    """What the runner needs to build the model and its KV tensors."""
-
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    backend: str = "auto"
-    load_format: str = "auto"
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_capacity_tokens: int | None = None      # CPU: required-ish (default below); CUDA: from memory
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    cuda_graphs: bool | None = None   # None: on for CUDA; True on CPU runs the padded path eagerly
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,8 +57,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """Builds the model on its device and executes scheduler plans."""
 
-    def __init__(self, config: RunnerConfig, model_config: ModelConfig) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        """config: resolved against model_config (`EngineConfig.resolved`)."""
         self.config = config
+        self.max_model_len = config.model_len
         self.model_config = model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -92,7 +75,7 @@ class ModelRunner:
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)
         self.model = LlamaModel(model_config, weights, get_ops(self.backend),
-                                config.max_model_len, prepack=self.device.type == "cpu")
+                                self.max_model_len, prepack=self.device.type == "cpu")
         if self.model.linear in (cpu_linear.native_linear, cpu_linear.packed_linear):
             log.info("bf16 projections packed once for %s (kernels/cpu_linear.py)",
                      "the AVX512-BF16 C kernel" if self.model.linear is cpu_linear.native_linear
@@ -108,7 +91,7 @@ class ModelRunner:
                for _ in range(model_config.num_layers)],
             v=[torch.zeros(shape, dtype=self.dtype, device=self.device)
                for _ in range(model_config.num_layers)],
-            req_to_token=torch.zeros((config.max_num_seqs + 1, config.max_model_len),
+            req_to_token=torch.zeros((config.max_num_seqs + 1, self.max_model_len),
                                      dtype=torch.int32, device=self.device))
         self.cache.req_to_token[config.max_num_seqs].fill_(self.capacity)
         self.graphs = self._decode_graphs()
@@ -121,7 +104,7 @@ class ModelRunner:
             return None
         capture = self.device.type == "cuda"
         graphs = DecodeGraphs(self.model, self.cache, self.config.max_num_seqs,
-                              self.config.max_model_len, scratch_row=self.capacity,
+                              self.max_model_len, scratch_row=self.capacity,
                               dummy_slot=self.config.max_num_seqs, capture=capture)
         if capture:
             graphs.capture_all()
@@ -134,7 +117,7 @@ class ModelRunner:
 
     def _kv_capacity(self) -> int:
         if self.device.type != "cuda":
-            return self.config.kv_capacity_tokens or max(16384, self.config.max_model_len)
+            return self.config.kv_capacity_tokens or max(16384, self.max_model_len)
         if self.config.kv_capacity_tokens:
             return self.config.kv_capacity_tokens
         torch.cuda.synchronize()
@@ -144,17 +127,17 @@ class ModelRunner:
         peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
         budget = free * self.config.gpu_memory_utilization - peak_activations
         capacity = int(budget // self.kv_bytes_per_token())
-        if capacity < self.config.max_model_len:
+        if capacity < self.max_model_len:
             raise ValueError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves "
                              f"room for {capacity} KV tokens, fewer than max_model_len="
-                             f"{self.config.max_model_len}")
+                             f"{self.max_model_len}")
         log.info("KV pool: %d tokens (%.2f GiB of %.2f GiB)", capacity,
                  capacity * self.kv_bytes_per_token() / 2**30, total / 2**30)
         return capacity
 
     def _profile_forward(self) -> None:
         """One prefill forward at the token budget, on a scratch pool, to measure peak memory."""
-        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         cfg = self.model_config
         shape = (tokens, cfg.num_kv_heads, cfg.head_dim)
         scratch = KVCache(k=[torch.zeros(shape, dtype=self.dtype, device=self.device)] * cfg.num_layers,
@@ -203,7 +186,7 @@ class ModelRunner:
         table_rows: list[np.ndarray] = []
         logits_index: list[int] = []
         sampled: list[ScheduledChunk] = []
-        max_len = self.config.max_model_len
+        max_len = self.max_model_len
         for index, chunk in enumerate(chunks):
             seq, start, count = chunk.seq, chunk.start, chunk.num_tokens
             input_ids.extend(seq.token_ids(start, start + count))

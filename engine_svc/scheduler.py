@@ -11,20 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine_svc.config import EngineConfig
 from engine_svc.kv_pool import KVPool
 from engine_svc.params import FinishReason
 from engine_svc.prefix_cache import PrefixCache
 from engine_svc.sequence import Sequence, SeqStatus
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    """Limits the scheduler enforces."""
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    max_queue: int = 1024
 
 
 @dataclass(slots=True)
@@ -62,14 +53,16 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     """FCFS continuous batching over a KVPool, with optional prefix cache."""
 
-    def __init__(self, config: SchedulerConfig, pool: KVPool,
+    def __init__(self, config: EngineConfig, pool: KVPool,
                  prefix_cache: PrefixCache | None = None) -> None:
+        """config: resolved (`EngineConfig.resolved`); the scheduler reads max_num_seqs,
+        max_num_batched_tokens, max_model_len and max_queue."""
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs "
                              f"({config.max_num_batched_tokens} < {config.max_num_seqs})")
-        if pool.capacity < config.max_model_len:
+        if pool.capacity < config.model_len:
             raise ValueError(f"KV pool capacity ({pool.capacity} tokens) must hold at least one "
-                             f"full-length request (max_model_len={config.max_model_len})")
+                             f"full-length request (max_model_len={config.model_len})")
         self.config = config
         self.pool = pool
         self.prefix_cache = prefix_cache

@@ -165,7 +165,8 @@ def test_hf_side_goes_on_through_eos_like_ignore_eos(tmp_path: Path) -> None:
     import torch
 
     from bench.vs_hf_runners import _hf_generate, _load_hf
-    from engine_svc.engine import EngineConfig, LLMEngine
+    from engine_svc.config import EngineConfig
+    from engine_svc.engine import LLMEngine
     from engine_svc.params import SamplingParams, StoppingParams
 
     model_dir = build_tiny_model(tmp_path)

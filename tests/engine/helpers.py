@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from engine_svc.engine import EngineConfig, LLMEngine
+from engine_svc.config import EngineConfig
+from engine_svc.engine import LLMEngine
 from engine_svc.params import SamplingParams, StoppingParams
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -17,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys, torch
-from engine_svc.engine import EngineConfig, LLMEngine
+from engine_svc.config import EngineConfig
+from engine_svc.engine import LLMEngine
 from engine_svc.params import SamplingParams, StoppingParams
 model, device = sys.argv[1], sys.argv[2]
 prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
