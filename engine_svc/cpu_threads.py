@@ -1,0 +1,131 @@
+"""How many threads the CPU engine uses: from the CPUs it may run on, then from who else is busy.
+
+Two decisions, both logged:
+- At start, `usable_cpus()` counts the CPUs this process may really use: its affinity mask
+  (taskset, a Kubernetes static CPU policy) and its cgroup's `cpu.max` quota (a Kubernetes CPU
+  limit), not `nproc`.
+- While serving, `ThreadGovernor` samples /proc every half second: the machine's busy time minus
+  this process's own CPU time is what other processes use. OpenMP teams wait for their slowest
+  thread at every barrier; when another busy process shares a core, one of the team's threads is
+  descheduled for a whole time slice at a time and every parallel region waits for it (a 2-core
+  machine with one busy neighbour went from ~300 to 4 tok/s). So the governor runs the team on
+  the cores others leave free (at least one thread), and goes back up when they are free again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(slots=True, frozen=True)
+class CpuBudget:
+    """CPUs the engine may use, and what limited them."""
+
+    cpus: int
+    affinity: int
+    quota: float | None      # cgroup CPU quota in CPUs (None: no quota)
+
+    @property
+    def source(self) -> str:
+        if self.quota is not None and math.ceil(self.quota) < self.affinity:
+            return f"cgroup cpu.max quota {self.quota:g} CPUs"
+        return f"affinity mask {self.affinity} CPUs"
+
+
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cgroup CPU quota in CPUs (v2 `cpu.max`, else v1 cfs files), or None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> CpuBudget:
+    """CPUs from the affinity mask, capped by the cgroup quota (rounded up, at least 1)."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 1
+    quota = cgroup_quota(cgroup_root)
+    cpus = affinity if quota is None else max(1, min(affinity, math.ceil(quota - 1e-9)))
+    return CpuBudget(cpus=cpus, affinity=affinity, quota=quota)
+
+
+def machine_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """CPU-seconds every process on the machine has run (all CPUs; steal counts as busy)."""
+    fields = stat.read_text().split("\n", 1)[0].split()
+    # cpu user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    ticks = [int(v) for v in fields[1:9]]
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+    return busy / _CLOCK_TICKS
+
+
+def own_busy_seconds() -> float:
+    """CPU-seconds this process (every thread) has run."""
+    times = os.times()
+    return times.user + times.system
+
+
+class ThreadGovernor:
+    """Sets the engine's thread count from the cores other processes leave free."""
+
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None], *,
+                 interval_s: float = 0.5, confirm: int = 2,
+                 machine_busy: Callable[[], float] = machine_busy_seconds,
+                 own_busy: Callable[[], float] = own_busy_seconds,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """max_threads: the CPU budget; confirm: samples in a row that must agree on a change."""
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self.max_threads = max_threads
+        self.threads = max_threads
+        self.others_cpus = 0.0           # last sample: CPUs other processes kept busy
+        self._set_threads = set_threads
+        self._interval_s, self._confirm = interval_s, confirm
+        self._machine_busy, self._own_busy, self._clock = machine_busy, own_busy, clock
+        self._last = (clock(), machine_busy(), own_busy())
+        self._proposal, self._votes = max_threads, 0
+
+    def target(self, others_cpus: float) -> int:
+        """Threads for the cores left free (rounded to nearest, at least 1)."""
+        free = self.max_threads - others_cpus
+        return max(1, min(self.max_threads, math.floor(free + 0.5)))
+
+    def tick(self) -> int | None:
+        """Call between steps; returns the new thread count when it changed, else None."""
+        now = self._clock()
+        then, machine_then, own_then = self._last
+        if now - then < self._interval_s:
+            return None
+        machine, own = self._machine_busy(), self._own_busy()
+        self._last = (now, machine, own)
+        self.others_cpus = max(0.0, ((machine - machine_then) - (own - own_then)) / (now - then))
+        proposal = self.target(self.others_cpus)
+        if proposal == self.threads:
+            self._votes = 0
+            return None
+        self._votes = self._votes + 1 if proposal == self._proposal else 1
+        self._proposal = proposal
+        if self._votes < self._confirm:
+            return None
+        log.info("CPU threads %d -> %d (other processes keep %.2f of %d CPUs busy)",
+                 self.threads, proposal, self.others_cpus, self.max_threads)
+        self.threads, self._votes = proposal, 0
+        self._set_threads(proposal)
+        return proposal

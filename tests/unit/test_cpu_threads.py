@@ -1,0 +1,123 @@
+"""The CPU budget (affinity, cgroup quota) and the thread governor, on fake /proc readings."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine_svc.cpu_threads import ThreadGovernor, cgroup_quota, machine_busy_seconds, usable_cpus
+
+
+def test_cgroup_v2_quota_and_unlimited(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_quota(tmp_path) == pytest.approx(1.5)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(tmp_path) is None
+
+
+def test_cgroup_v1_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(tmp_path) == pytest.approx(0.5)
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_quota(tmp_path) is None
+
+
+def test_usable_cpus_takes_the_smaller_of_affinity_and_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path).cpus == affinity            # no cgroup files: affinity
+    (tmp_path / "cpu.max").write_text("100000 100000\n")       # one CPU of quota
+    budget = usable_cpus(tmp_path)
+    assert budget.cpus == 1 and budget.quota == pytest.approx(1.0)
+    if affinity > 1:
+        assert "quota" in budget.source
+    (tmp_path / "cpu.max").write_text("10000 100000\n")        # 0.1 CPU still gets 1 thread
+    assert usable_cpus(tmp_path).cpus == 1
+    (tmp_path / "cpu.max").write_text(f"{(affinity + 4) * 100000} 100000\n")
+    assert usable_cpus(tmp_path).cpus == affinity            # a quota above the mask: the mask
+
+
+def test_machine_busy_reads_proc_stat_shape(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 10 50 9999 77 5 5 30 0 0\ncpu0 1 2 3\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert machine_busy_seconds(stat) == pytest.approx((100 + 10 + 50 + 5 + 5 + 30) / ticks)
+    assert machine_busy_seconds() > 0  # the real file parses
+
+
+class FakeMachine:
+    """Machine and own busy seconds that advance as the test says, with a manual clock."""
+
+    def __init__(self) -> None:
+        self.now = self.machine = self.own = 0.0
+
+    def advance(self, seconds: float, own_cpus: float, other_cpus: float) -> None:
+        self.now += seconds
+        self.own += own_cpus * seconds
+        self.machine += (own_cpus + other_cpus) * seconds
+
+
+def governor(max_threads: int = 2) -> tuple[ThreadGovernor, FakeMachine, list[int]]:
+    fake, calls = FakeMachine(), []
+    gov = ThreadGovernor(max_threads, calls.append, interval_s=0.5, confirm=2,
+                         machine_busy=lambda: fake.machine, own_busy=lambda: fake.own,
+                         clock=lambda: fake.now)
+    return gov, fake, calls
+
+
+def test_quiet_machine_keeps_every_thread() -> None:
+    gov, fake, calls = governor()
+    for _ in range(10):
+        fake.advance(0.5, own_cpus=2.0, other_cpus=0.05)
+        assert gov.tick() is None
+    assert calls == [] and gov.threads == 2
+
+
+def test_a_busy_neighbour_drops_a_thread_after_two_samples_and_it_comes_back() -> None:
+    gov, fake, calls = governor()
+    fake.advance(0.5, own_cpus=1.4, other_cpus=0.6)   # a hog takes its share of our 2 cores
+    assert gov.tick() is None                          # one sample is not enough
+    fake.advance(0.5, own_cpus=1.4, other_cpus=0.6)
+    assert gov.tick() == 1 and calls == [1]
+    for _ in range(4):                                 # hog has its own core now: stay at 1
+        fake.advance(0.5, own_cpus=1.0, other_cpus=1.0)
+        assert gov.tick() is None
+    fake.advance(0.5, own_cpus=1.0, other_cpus=0.0)    # the hog is gone
+    assert gov.tick() is None
+    fake.advance(0.5, own_cpus=1.0, other_cpus=0.0)
+    assert gov.tick() == 2 and calls == [1, 2]
+
+
+def test_light_neighbours_such_as_the_tokenizer_service_do_not_cost_a_thread() -> None:
+    gov, fake, calls = governor()
+    for _ in range(10):
+        fake.advance(0.5, own_cpus=1.7, other_cpus=0.35)
+        gov.tick()
+    assert calls == []
+
+
+def test_never_below_one_thread_and_samples_wait_for_the_interval() -> None:
+    gov, fake, calls = governor(max_threads=4)
+    fake.advance(0.2, own_cpus=1.0, other_cpus=4.0)
+    assert gov.tick() is None                          # before the interval: no sample
+    for _ in range(2):
+        fake.advance(0.5, own_cpus=1.0, other_cpus=6.0)
+        gov.tick()
+    assert calls == [1]
+    assert [gov.target(x) for x in (0.0, 0.4, 0.6, 1.6, 2.4, 3.6)] == [4, 4, 3, 2, 2, 1]
+
+
+def test_flapping_samples_do_not_change_threads() -> None:
+    gov, fake, calls = governor()
+    for others in (0.9, 0.1, 0.9, 0.1, 0.9, 0.1):
+        fake.advance(0.5, own_cpus=1.5, other_cpus=others)
+        gov.tick()
+    assert calls == []
+
+
+def test_rejects_no_threads() -> None:
+    with pytest.raises(ValueError, match="max_threads"):
+        ThreadGovernor(0, lambda n: None)
