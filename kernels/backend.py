@@ -5,13 +5,13 @@ Importing this module imports neither Triton nor any kernel; `get_ops("triton")`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kernels import cpu_ops, reference
+from kernels.triton.launch import interpret_mode
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -31,10 +31,6 @@ class KernelOps:
     decode_attention: Callable
 
 
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Map `auto|triton|torch` to a concrete backend for `device`, or raise ValueError."""
     if requested not in BACKENDS:
@@ -42,7 +38,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     device = torch.device(device)
     if requested == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if requested == "triton" and device.type != "cuda" and not _interpret_mode():
+    if requested == "triton" and device.type != "cuda" and not interpret_mode():
         raise ValueError(
             f"backend 'triton' needs a CUDA device (got {device.type!r}); on CPU use 'torch', "
             "or set TRITON_INTERPRET=1 before starting to run the Triton kernels in the (slow) interpreter"
@@ -65,12 +61,12 @@ def get_ops(backend: str) -> KernelOps:
             decode_attention=cpu_ops.decode_attention,
         )
     if backend == "triton":
-        from kernels.decode_attention import decode_attention
-        from kernels.prefill_attention import prefill_attention
-        from kernels.rmsnorm import rms_norm
-        from kernels.rope import apply_rope
-        from kernels.silu_mul import silu_and_mul
-        from kernels.store_kv import store_kv
+        from kernels.triton.decode_attention import decode_attention
+        from kernels.triton.prefill_attention import prefill_attention
+        from kernels.triton.rmsnorm import rms_norm
+        from kernels.triton.rope import apply_rope
+        from kernels.triton.silu_mul import silu_and_mul
+        from kernels.triton.store_kv import store_kv
 
         return KernelOps(
             backend="triton",

@@ -7,13 +7,14 @@ Run in a process where Triton is in compiled mode: `python -m tests.kernels.aot_
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from kernels.triton.launch import interpret_mode
 
 A100_SHARED_BYTES = 166_912  # the smallest datacenter-GPU limit the serving configs must fit
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -57,7 +58,7 @@ def compile_one(kernel, dtype: torch.dtype, constexprs: dict, num_warps: int = 4
 
 def compile_all() -> list[str]:
     """Compile the elementwise kernels and the attention kernels at the wrappers' GPU configurations."""
-    from kernels import decode_attention, prefill_attention, rmsnorm, rope, silu_mul, store_kv
+    from kernels.triton import decode_attention, prefill_attention, rmsnorm, rope, silu_mul, store_kv
 
     lines = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -88,7 +89,7 @@ def compile_all() -> list[str]:
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret_mode():
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs Triton in compiled mode", file=sys.stderr)
         return 2
     for line in compile_all():

@@ -2,9 +2,9 @@
 
 Triton picks interpreter-vs-compiler when `@triton.jit` runs, i.e. at import, and that includes
 Triton's own helpers (`tl.zeros`, `tl.sum`, ...). So on a machine without CUDA (or with
-TRITON_INTERPRET=1 already set) this file imports `triton.language` and private copies of the
-kernel modules with TRITON_INTERPRET=1, before any test imports them; the variable is then scoped
-to the CPU tests by the `device` fixture so it does not leak into the rest of the suite.
+TRITON_INTERPRET=1 already set) this file imports `triton.language` and a private copy of the
+`kernels/triton` package with TRITON_INTERPRET=1, before any test imports them; the variable is
+then scoped to the CPU tests by the `device` fixture so it does not leak into the rest of the suite.
 
 One process can hold only one mode. If another test module imported Triton first (transformers does,
 for instance), the in-process CPU tests skip and `test_subprocess_checks.py` reruns them in a
@@ -26,6 +26,8 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
+from kernels.triton.launch import interpret_mode
+
 KERNEL_FUNCTIONS = {
     "rmsnorm": "rms_norm",
     "rope": "apply_rope",
@@ -35,8 +37,8 @@ KERNEL_FUNCTIONS = {
     "decode_attention": "decode_attention",
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KERNELS_DIR = REPO_ROOT / "kernels"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+TRITON_DIR = REPO_ROOT / "kernels" / "triton"
+INTERPRET = interpret_mode() or not torch.cuda.is_available()
 DEVICES = ["cpu"] if INTERPRET else ["cuda"]
 
 
@@ -58,16 +60,13 @@ def triton_interpret_env(enabled: bool) -> Iterator[None]:
 
 
 def load_kernel_modules(package: str) -> dict[str, ModuleType]:
-    """Import private copies of the kernel modules under `package` (normal `kernels.*` stay untouched)."""
-    modules = {}
-    for module_name in KERNEL_FUNCTIONS:
-        qualified = f"{package}.{module_name}"
-        spec = importlib.util.spec_from_file_location(qualified, KERNELS_DIR / f"{module_name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[qualified] = module
-        spec.loader.exec_module(module)
-        modules[module_name] = module
-    return modules
+    """Import a private copy of the kernels/triton package as `package` (its modules import
+    their siblings relatively, so the copy is whole; normal `kernels.triton.*` stay untouched)."""
+    spec = importlib.util.spec_from_file_location(package, TRITON_DIR / "__init__.py",
+                                                  submodule_search_locations=[str(TRITON_DIR)])
+    sys.modules[package] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[package])
+    return {name: importlib.import_module(f"{package}.{name}") for name in KERNEL_FUNCTIONS}
 
 
 def _wrappers(modules: dict[str, ModuleType]) -> SimpleNamespace:
@@ -90,7 +89,7 @@ IN_PROCESS_INTERPRETER = INTERPRETED_OPS is not None
 
 
 def _compiled_ops() -> SimpleNamespace:
-    return _wrappers({name: importlib.import_module(f"kernels.{name}") for name in KERNEL_FUNCTIONS})
+    return _wrappers({name: importlib.import_module(f"kernels.triton.{name}") for name in KERNEL_FUNCTIONS})
 
 
 @pytest.fixture(params=DEVICES)

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _checks
-from kernels._attention_common import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
+from . import _checks
+from .launch import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
 
 MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
 MAX_SPLITS = 32

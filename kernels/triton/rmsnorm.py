@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _checks
+from . import _checks
 
 
 @triton.jit

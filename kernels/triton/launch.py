@@ -1,4 +1,4 @@
-"""Launch settings shared by the attention wrappers (plain Python, no Triton import)."""
+"""Launch settings shared by the Triton wrappers and kernels.backend (plain Python, no Triton import)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
-from kernels import _checks
+from . import _checks
 
 
 @triton.jit
