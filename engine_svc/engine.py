@@ -1,7 +1,10 @@
 """The engine wires scheduler, KV pool, prefix cache and model runner into `step()`.
 
-Thread model: `add_request` and `abort` may be called from any thread; they validate at once
-and leave a command in an inbox that `step()` (one engine thread) drains before scheduling.
+Thread model: `add_request` and `abort` may be called from any thread. `add_request` validates
+and hands the request to `Scheduler.add` under the engine lock (the lock `step()` holds while it
+schedules and commits, not while the forward pass runs). An abort of a running request, and a
+prefix-cache clear, leave a command in an inbox that `step()` (one engine thread) drains before
+scheduling.
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ from engine_svc.weights import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLMEngine", "QueueFullError", "RequestOutput", "StepStats"]
+__all__ = ["DuplicateRequestError", "LLMEngine", "QueueFullError", "RequestOutput", "StepStats"]
+
+
+class DuplicateRequestError(ValueError):
+    """A request id that is still queued or running was submitted again."""
 
 
 @dataclass(slots=True)
@@ -77,31 +84,35 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int],
                     sampling: SamplingParams | None = None,
                     stopping: StoppingParams | None = None) -> None:
-        """Validate and queue a request. Raises ValueError (bad input) or QueueFullError."""
+        """Validate and queue a request.
+
+        Raises ValueError (bad input), DuplicateRequestError (id in flight) or QueueFullError.
+        """
         sampling = sampling or SamplingParams()
         stopping = stopping or StoppingParams()
         self._validate(request_id, prompt_ids, sampling, stopping)
         seq = Sequence(request_id, list(prompt_ids), sampling, stopping)
         with self._lock:
             if request_id in self._live:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
-            # queued = accepted, not running (in the inbox, waiting, or preempted); an aborted
-            # request leaves _live at once, so it frees its place before the next step
-            queued = sum(1 for live in self._live.values() if live.status is SeqStatus.WAITING)
-            if queued >= self.config.max_queue:
-                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); "
-                                     "retry later")
+                raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
+            self.scheduler.add(seq)      # raises QueueFullError at the queue limit
             self._live[request_id] = seq
-        self._inbox.put(("add", seq))
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it already ended); its rows are freed at the next step."""
+        """Abort a request (no-op if it already ended); its rows are freed at the next step.
+
+        A waiting request leaves the queue at once (its place is free for the next one); a
+        running one is finished by the engine thread, which may be computing it right now.
+        """
         with self._lock:
             seq = self._live.pop(request_id, None)
-        if seq is not None:
-            self._inbox.put(("abort", seq))
-            self._wakeup.set()
+            if seq is None:
+                return
+            if seq.status is SeqStatus.WAITING:
+                self.scheduler.finish(seq, FinishReason.ABORTED)
+        self._inbox.put(("abort", seq))
+        self._wakeup.set()
 
     def is_live(self, request_id: str) -> bool:
         """True while the request is queued or running."""
@@ -178,17 +189,13 @@ class LLMEngine:
             except queue.Empty:
                 return outputs
             with self._lock:
-                if kind == "add":
-                    if item.status is SeqStatus.WAITING and item.finish_reason is None:
-                        # accepted by add_request: admission was checked there, and a preempted
-                        # request going back to the queue must not push this one out
-                        self.scheduler.waiting.append(item)
-                elif kind == "clear_cache":
+                if kind == "clear_cache":
                     if self.prefix_cache is not None:
                         self.prefix_cache.clear()
                 elif kind == "abort":
-                    if item.status is not SeqStatus.FINISHED:  # ended already: nothing to do
+                    if item.status is not SeqStatus.FINISHED:   # running: finish it now
                         self.scheduler.finish(item, FinishReason.ABORTED)
+                    if item.finish_reason is FinishReason.ABORTED:  # else it ended on its own
                         outputs.append(self._final(item, []))
 
     def _process(self, plan: StepPlan, sampled) -> list[RequestOutput]:

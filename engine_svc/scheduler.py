@@ -75,6 +75,11 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a new request (the only way in); raises QueueFullError at max_queue waiting.
+
+        Preempted requests go back to the queue's head without this check: a request already
+        accepted is never refused later, nor pushes a newer accepted one out.
+        """
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); "
                                  "retry later")

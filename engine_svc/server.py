@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine_svc.engine import LLMEngine, QueueFullError, RequestOutput
+from engine_svc.engine import DuplicateRequestError, LLMEngine, QueueFullError, RequestOutput
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
 from engine_svc.stream_interval import StreamCoalescer
@@ -172,11 +172,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             except QueueFullError as err:
                 finished = True
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            except DuplicateRequestError as err:
+                finished = True
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
             except ValueError as err:
                 finished = True
-                code = (grpc.StatusCode.ALREADY_EXISTS if "already in flight" in str(err)
-                        else grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(code, str(err))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             while True:
                 out = await queue.get()
                 if out is None:
