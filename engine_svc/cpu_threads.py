@@ -41,28 +41,67 @@ class CpuBudget:
         return f"affinity mask {self.affinity} CPUs"
 
 
-def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The cgroup CPU quota in CPUs (v2 `cpu.max`, else v1 cfs files), or None when unlimited."""
+def _own_cgroups(proc_cgroup: Path) -> tuple[str | None, str | None]:
+    """(v2 path, v1 cpu controller path) of this process's cgroups, from /proc/self/cgroup."""
+    v2 = v1 = None
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _quota_at(directory: Path) -> float | None:
+    """The quota set on one cgroup directory (v2 cpu.max or v1 cfs files), None if unlimited."""
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+        period_us = int((directory / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
     return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> CpuBudget:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup"),
+                 proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota (in CPUs) on this process's cgroup and its ancestors, v2 or v1;
+    None when nothing limits it."""
+    v2, v1 = _own_cgroups(proc_cgroup)
+    candidates = []
+    if v2 is not None:
+        candidates.append(root / v2.lstrip("/"))
+        candidates.append(root / "unified" / v2.lstrip("/"))
+    if v1 is not None:
+        candidates.append(root / "cpu" / v1.lstrip("/"))
+    quotas = []
+    for leaf in candidates:
+        for directory in (leaf, *leaf.parents):
+            quota = _quota_at(directory)
+            if quota is not None:
+                quotas.append(quota)
+            if directory == root:
+                break
+    return min(quotas, default=None)
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                proc_cgroup: Path = Path("/proc/self/cgroup")) -> CpuBudget:
     """CPUs from the affinity mask, capped by the cgroup quota (rounded up, at least 1)."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count() or 1
-    quota = cgroup_quota(cgroup_root)
+    quota = cgroup_quota(cgroup_root, proc_cgroup)
     cpus = affinity if quota is None else max(1, min(affinity, math.ceil(quota - 1e-9)))
     return CpuBudget(cpus=cpus, affinity=affinity, quota=quota)
 

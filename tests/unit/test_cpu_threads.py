@@ -9,34 +9,51 @@ import pytest
 from engine_svc.cpu_threads import ThreadGovernor, cgroup_quota, machine_busy_seconds, usable_cpus
 
 
+def fake_cgroups(tmp_path: Path, v2: str = "/", v1: str = "/") -> Path:
+    """A /proc/self/cgroup naming the given paths; returns its file."""
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"4:memory:/elsewhere\n1:cpu,cpuacct:{v1}\n0::{v2}\n")
+    return proc
+
+
 def test_cgroup_v2_quota_and_unlimited(tmp_path: Path) -> None:
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert cgroup_quota(tmp_path) == pytest.approx(1.5)
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cgroup_quota(tmp_path) is None
+    root = tmp_path / "cg"
+    (root / "pod" / "engine").mkdir(parents=True)
+    proc = fake_cgroups(tmp_path, v2="/pod/engine")
+    assert cgroup_quota(root, proc) is None
+    (root / "pod" / "engine" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(root, proc) is None
+    (root / "pod" / "cpu.max").write_text("150000 100000\n")    # a parent's limit counts too
+    assert cgroup_quota(root, proc) == pytest.approx(1.5)
+    (root / "pod" / "engine" / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_quota(root, proc) == pytest.approx(0.5)       # the tightest one
 
 
 def test_cgroup_v1_quota(tmp_path: Path) -> None:
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_quota(tmp_path) == pytest.approx(0.5)
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert cgroup_quota(tmp_path) is None
+    group = tmp_path / "cg" / "cpu" / "bench"
+    group.mkdir(parents=True)
+    proc = fake_cgroups(tmp_path, v1="/bench")
+    (group / "cpu.cfs_quota_us").write_text("50000\n")
+    (group / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(tmp_path / "cg", proc) == pytest.approx(0.5)
+    (group / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_quota(tmp_path / "cg", proc) is None
 
 
 def test_usable_cpus_takes_the_smaller_of_affinity_and_quota(tmp_path: Path) -> None:
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cpus(tmp_path).cpus == affinity            # no cgroup files: affinity
-    (tmp_path / "cpu.max").write_text("100000 100000\n")       # one CPU of quota
-    budget = usable_cpus(tmp_path)
+    proc = fake_cgroups(tmp_path)
+    assert usable_cpus(tmp_path, proc).cpus == affinity       # no cgroup files: affinity
+    (tmp_path / "cpu.max").write_text("100000 100000\n")        # one CPU of quota
+    budget = usable_cpus(tmp_path, proc)
     assert budget.cpus == 1 and budget.quota == pytest.approx(1.0)
     if affinity > 1:
         assert "quota" in budget.source
-    (tmp_path / "cpu.max").write_text("10000 100000\n")        # 0.1 CPU still gets 1 thread
-    assert usable_cpus(tmp_path).cpus == 1
+    (tmp_path / "cpu.max").write_text("10000 100000\n")         # 0.1 CPU still gets 1 thread
+    assert usable_cpus(tmp_path, proc).cpus == 1
     (tmp_path / "cpu.max").write_text(f"{(affinity + 4) * 100000} 100000\n")
-    assert usable_cpus(tmp_path).cpus == affinity            # a quota above the mask: the mask
+    assert usable_cpus(tmp_path, proc).cpus == affinity       # a quota above the mask: the mask
+    assert usable_cpus().cpus >= 1                             # this machine's real files
 
 
 def test_machine_busy_reads_proc_stat_shape(tmp_path: Path) -> None:
