@@ -2,10 +2,10 @@
 
 A decode batch of n requests runs in the smallest bucket >= n. The step's index tensors are
 copied into static buffers; the rows past n are padding that reads and writes only a scratch
-pool row through a dummy request->token slot, so they never touch real K/V. The sequence
-lengths live in a static tensor refreshed before every replay; decode attention reads them on
-the device and is launched with a fixed `max_seq_len` (= max_model_len), so one graph serves
-every length.
+pool row through a dummy request->token slot (both owned by `ReqToTokenTable`), so they never
+touch real K/V. The sequence lengths live in a static tensor refreshed before every replay;
+decode attention reads them on the device and is launched with a fixed `max_seq_len`
+(= max_model_len), so one graph serves every length.
 
 With `capture=False` (CPU, or `--no-cuda-graphs` kept for testing) the same padded static
 path runs eagerly, which is how the padding logic is tested without a GPU.
@@ -18,6 +18,7 @@ import logging
 import torch
 
 from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
+from engine_svc.req_to_token import ReqToTokenTable
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +32,21 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Static buffers + one captured decode forward per bucket."""
 
-    def __init__(self, model: LlamaModel, cache: KVCache, max_batch: int, max_model_len: int,
-                 scratch_row: int, dummy_slot: int, capture: bool) -> None:
+    def __init__(self, model: LlamaModel, cache: KVCache, table: ReqToTokenTable,
+                 capture: bool) -> None:
+        """cache.req_to_token is table.tensor; batches go up to table.max_num_seqs requests."""
         self.model = model
         self.cache = cache
-        self.buckets = batch_buckets(max_batch)
-        self.max_model_len = max_model_len
+        self.buckets = batch_buckets(table.max_num_seqs)
+        self.max_model_len = table.max_model_len
         self.capture = capture
-        self.scratch_row = scratch_row
-        self.dummy_slot = dummy_slot
-        device = cache.req_to_token.device
+        self.table = table
+        device = table.tensor.device
         size = self.buckets[-1]
         self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)      # [bucket]
         self.positions = torch.zeros(size, dtype=torch.int64, device=device)      # [bucket]
-        self.out_rows = torch.full((size,), scratch_row, dtype=torch.int64, device=device)
-        self.slots = torch.full((size,), dummy_slot, dtype=torch.int32, device=device)
+        self.out_rows = torch.full((size,), table.scratch_row, dtype=torch.int64, device=device)
+        self.slots = torch.full((size,), table.dummy_slot, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)        # [bucket]
         self.logits_index = torch.arange(size, dtype=torch.int64, device=device)  # [bucket]
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
@@ -94,8 +95,8 @@ class DecodeGraphs:
         if n < bucket:  # padding rows: scratch row, dummy slot, one token of context
             self.input_ids[n:bucket].zero_()
             self.positions[n:bucket].zero_()
-            self.out_rows[n:bucket].fill_(self.scratch_row)
-            self.slots[n:bucket].fill_(self.dummy_slot)
+            self.out_rows[n:bucket].fill_(self.table.scratch_row)
+            self.slots[n:bucket].fill_(self.table.dummy_slot)
             self.seq_lens[n:bucket].fill_(1)
         if self.capture:
             self.graphs[bucket].replay()

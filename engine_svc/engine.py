@@ -72,7 +72,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.config, mc)
         self.pool = KVPool(self.runner.capacity)
         self.prefix_cache = PrefixCache(self.pool) if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(self.config, self.pool, self.prefix_cache)
+        self.scheduler = Scheduler(self.config, self.pool, self.runner.table.slots,
+                                   self.prefix_cache)
         self.eos_ids = frozenset(mc.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()

@@ -1,4 +1,5 @@
-"""The model runner owns every tensor: weights, the K/V pool tensors, the request->token table.
+"""The model runner owns the device tensors: weights, the K/V pool tensors, the request->token
+table (a `ReqToTokenTable`, whose slot allocator the scheduler uses).
 
 It turns a `StepPlan` into index tensors (one host->device copy per step), runs the model and
 samples. Bookkeeping (which rows, which slots) is decided by the scheduler beforehand.
@@ -6,6 +7,7 @@ samples. Bookkeeping (which rows, which slots) is decided by the scheduler befor
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import torch
 
@@ -13,6 +15,7 @@ from engine_svc.config import EngineConfig
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
+from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.weights import ModelConfig, load_weights
@@ -82,18 +85,17 @@ class ModelRunner:
                      else "oneDNN")
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.capacity = self._kv_capacity()
-        # one extra pool row (index `capacity`) and one extra table row (index max_num_seqs)
-        # are scratch space for the padding rows of CUDA-graph decode batches
-        shape = (self.capacity + 1, model_config.num_kv_heads, model_config.head_dim)
-        # k, v: per layer [capacity + 1, kv_heads, head_dim]
+        # the table also owns the padding conventions (its dummy slot, the pool's scratch row)
+        self.table = ReqToTokenTable(config.max_num_seqs, self.max_model_len, self.capacity,
+                                     self.device)
+        shape = (self.table.pool_rows, model_config.num_kv_heads, model_config.head_dim)
+        # k, v: per layer [capacity + 1 (scratch row), kv_heads, head_dim]
         self.cache = KVCache(
             k=[torch.zeros(shape, dtype=self.dtype, device=self.device)
                for _ in range(model_config.num_layers)],
             v=[torch.zeros(shape, dtype=self.dtype, device=self.device)
                for _ in range(model_config.num_layers)],
-            req_to_token=torch.zeros((config.max_num_seqs + 1, self.max_model_len),
-                                     dtype=torch.int32, device=self.device))
-        self.cache.req_to_token[config.max_num_seqs].fill_(self.capacity)
+            req_to_token=self.table.tensor)
         self.graphs = self._decode_graphs()
 
     def _decode_graphs(self) -> DecodeGraphs | None:
@@ -103,9 +105,7 @@ class ModelRunner:
         if not enabled:
             return None
         capture = self.device.type == "cuda"
-        graphs = DecodeGraphs(self.model, self.cache, self.config.max_num_seqs,
-                              self.max_model_len, scratch_row=self.capacity,
-                              dummy_slot=self.config.max_num_seqs, capture=capture)
+        graphs = DecodeGraphs(self.model, self.cache, self.table, capture=capture)
         if capture:
             graphs.capture_all()
         return graphs
@@ -186,7 +186,7 @@ class ModelRunner:
         table_rows: list[np.ndarray] = []
         logits_index: list[int] = []
         sampled: list[ScheduledChunk] = []
-        max_len = self.max_model_len
+        table = self.table
         for index, chunk in enumerate(chunks):
             seq, start, count = chunk.seq, chunk.start, chunk.num_tokens
             input_ids.extend(seq.token_ids(start, start + count))
@@ -195,16 +195,15 @@ class ModelRunner:
             # to this slot: prefix-cache hit, re-admission after preemption); decode adds one
             if index >= len(plan.decode) and start > 0:
                 table_rows.append(seq.rows)
-                table_pos.append(seq.slot * max_len + np.arange(0, start))
+                table_pos.append(table.positions(seq.slot, 0, start))
             table_rows.append(chunk.new_rows)
-            table_pos.append(seq.slot * max_len + np.arange(start, start + count))
+            table_pos.append(table.positions(seq.slot, start, start + count))
             if chunk.samples:
                 logits_index.append(len(input_ids) - 1)
                 sampled.append(chunk)
         dev = self.device
         rows_flat = torch.from_numpy(np.concatenate([c.new_rows for c in chunks]))
-        self.cache.req_to_token.view(-1)[torch.from_numpy(np.concatenate(table_pos)).to(dev)] = \
-            torch.from_numpy(np.concatenate(table_rows)).to(dev, torch.int32)
+        table.write(np.concatenate(table_pos), np.concatenate(table_rows))
         nd = len(plan.decode)
         prefill_lens = [c.num_tokens for c in plan.prefill]
         batch = ForwardBatch(

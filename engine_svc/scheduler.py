@@ -2,12 +2,13 @@
 
 The scheduler owns the waiting queue and the running set, gives out pool rows and
 request->token table slots, preempts the newest request when the pool runs dry and
-returns every row when a request ends. It never touches tensors.
+returns every row when a request ends. It never touches tensors (no torch import).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from engine_svc.kv_pool import KVPool
 from engine_svc.params import FinishReason
 from engine_svc.prefix_cache import PrefixCache
 from engine_svc.sequence import Sequence, SeqStatus
+
+if TYPE_CHECKING:   # the allocator's module holds the device table too: no torch import here
+    from engine_svc.req_to_token import SlotAllocator
 
 
 @dataclass(slots=True)
@@ -53,10 +57,11 @@ class QueueFullError(RuntimeError):
 class Scheduler:
     """FCFS continuous batching over a KVPool, with optional prefix cache."""
 
-    def __init__(self, config: EngineConfig, pool: KVPool,
+    def __init__(self, config: EngineConfig, pool: KVPool, slots: SlotAllocator,
                  prefix_cache: PrefixCache | None = None) -> None:
         """config: resolved (`EngineConfig.resolved`); the scheduler reads max_num_seqs,
-        max_num_batched_tokens, max_model_len and max_queue."""
+        max_num_batched_tokens, max_model_len and max_queue. slots: the request->token
+        table's allocator (`ReqToTokenTable.slots`), one slot per running request."""
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs "
                              f"({config.max_num_batched_tokens} < {config.max_num_seqs})")
@@ -68,7 +73,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
+        self.slots = slots
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
@@ -147,7 +152,7 @@ class Scheduler:
         return budget
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and self.free_slots:
+        while self.waiting and budget > 0 and self.slots.num_free:
             seq = self.waiting[0]
             cached = self._match_prefix(seq)
             count = min(seq.num_uncomputed, budget)
@@ -160,7 +165,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
-            seq.slot = self.free_slots.pop()
+            seq.slot = self.slots.alloc()
             self.running.append(seq)
             plan.prefill.append(self._chunk(seq, count, rows))
             budget -= count
@@ -217,7 +222,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence, cache_it: bool) -> None:
         if seq.slot >= 0:
-            self.free_slots.append(seq.slot)
+            self.slots.free(seq.slot)
             seq.slot = -1
         rows = seq.drop_rows()
         if cache_it and self.prefix_cache is not None and len(rows):
