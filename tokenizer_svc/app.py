@@ -9,11 +9,11 @@ from grpc_health.v1 import health
 
 from tokenizer_svc.config import FrontendConfig
 from tokenizer_svc.engine_client import EngineClient
+from tokenizer_svc.frontend import EngineState, FrontendCore
 from tokenizer_svc.metrics import FrontendMetrics
 from tokenizer_svc.schema import ServiceError
 from tokenizer_svc.security import ApiKeyInterceptor, channel_credentials, server_credentials
-from tokenizer_svc.server import (EngineState, TextGenerationServicer, build_grpc_server,
-                                  publish_health)
+from tokenizer_svc.server import TextGenerationServicer, build_grpc_server, publish_health
 from tokenizer_svc.tokenizer import ModelTokenizer
 
 log = logging.getLogger("tokenizer_svc")
@@ -79,8 +79,9 @@ class FrontendServer:
     async def start(self) -> None:
         """Bind, start serving (health NOT_SERVING until the engine answers), start the monitor."""
         self.health = health.aio.HealthServicer()
-        servicer = TextGenerationServicer(self.config, self.tokenizer, self.engine,
-                                          self.engine_state, self.metrics)
+        self.core = FrontendCore(self.config, self.tokenizer, self.engine, self.engine_state,
+                                 self.metrics)
+        servicer = TextGenerationServicer(self.core)
         interceptors = [ApiKeyInterceptor(self.config.api_key)] if self.config.api_key else []
         self._server = build_grpc_server(servicer, self.health, self.config.max_message_bytes,
                                          interceptors)

@@ -1,4 +1,7 @@
-"""Prometheus metrics of the tokenizer service (own registry; names are the DESIGN.md contract)."""
+"""Prometheus metrics of the tokenizer service (own registry; names are the DESIGN.md contract).
+
+Every series carries `protocol` ("grpc" or "http"): which edge the request came in through.
+"""
 from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
@@ -9,6 +12,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0)
 TOKENIZE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25)
+PROTOCOLS = ("grpc", "http")
 
 
 class FrontendMetrics:
@@ -17,23 +21,28 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
-            "llmserve_frontend_requests", "Generate requests finished, by gRPC status",
-            ["status"], registry=self.registry)
+            "llmserve_frontend_requests",
+            "Generate requests finished, by gRPC status name (HTTP too) and protocol",
+            ["status", "protocol"], registry=self.registry)
         self.request_latency_seconds = Histogram(
             "llmserve_frontend_request_latency_seconds",
             "Generate latency from request arrival to the last message",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            ["protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.time_to_first_token_seconds = Histogram(
             "llmserve_frontend_time_to_first_token_seconds",
             "Time from request arrival to the first generated token sent",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            ["protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokenize_seconds = Histogram(
             "llmserve_frontend_tokenize_seconds",
             "Time to render the chat template and tokenize one prompt",
-            buckets=TOKENIZE_BUCKETS, registry=self.registry)
+            ["protocol"], buckets=TOKENIZE_BUCKETS, registry=self.registry)
         self.inflight_requests = Gauge(
             "llmserve_frontend_inflight_requests", "Generate streams in progress",
-            registry=self.registry)
+            ["protocol"], registry=self.registry)
+        for protocol in PROTOCOLS:  # every protocol's series exists from the start (at 0)
+            for family in (self.request_latency_seconds, self.time_to_first_token_seconds,
+                           self.tokenize_seconds, self.inflight_requests):
+                family.labels(protocol)
         self._http_server: WSGIServer | None = None
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> int:

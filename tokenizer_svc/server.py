@@ -1,12 +1,11 @@
 """The public gRPC edge: llmserve.v1.TextGeneration, protobuf <-> internal dataclasses.
 
-Everything behind this file (validation, tokenizer, generation, stops, detokenizer) works on
-the dataclasses of schema.py; the engine edge is engine_client.py.
+Everything behind this file (frontend.FrontendCore: admission, validation, tokenizer,
+generation, stops, detokenizer) works on the dataclasses of schema.py and is shared with the
+OpenAI HTTP edge (http_api.py); the engine edge is engine_client.py.
 """
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -15,20 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
-from tokenizer_svc.config import FrontendConfig
 from tokenizer_svc.decode_guard import DecodeGuardInterceptor
-from tokenizer_svc.generation import GenerationStream, TokenSource
-from tokenizer_svc.metrics import FrontendMetrics
-from tokenizer_svc.schema import (ChatTurn, EngineLimits, EngineRequest, FinishReason,
-                                  OutputDelta, SamplingSettings, ServiceError, TextRequest)
-from tokenizer_svc.tokenizer import ModelTokenizer
-from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
-                                      validate_request_id, validate_token_ids)
-
-THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
-# The client's deadline fires first (ours starts when its request arrives, a transit later), and
-# its cancel reaches us slightly before our own deadline: count such a cancel as a deadline.
-DEADLINE_SLACK_S = 0.1
+from tokenizer_svc.frontend import FrontendCore
+from tokenizer_svc.schema import (ChatTurn, FinishReason, OutputDelta, SamplingSettings,
+                                  ServiceError, TextRequest)
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -83,166 +72,50 @@ def delta_to_proto(delta: OutputDelta, request_id: str) -> generate_pb2.Generate
     return message
 
 
-class EngineState:
-    """What is known about the engine right now (kept up to date by app.EngineMonitor)."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.limits: EngineLimits | None = None
-
-    def require_limits(self) -> EngineLimits:
-        if self.limits is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                               f"engine at {self.address} unavailable: model info not loaded "
-                               f"yet (GetInfo has not succeeded)")
-        return self.limits
-
-
 class TextGenerationServicer(generate_pb2_grpc.TextGenerationServicer):
-    """Implements llmserve.v1.TextGeneration on top of the tokenizer and an engine."""
+    """Implements llmserve.v1.TextGeneration: protobuf in and out, FrontendCore in between."""
 
-    def __init__(self, config: FrontendConfig, tokenizer: ModelTokenizer, source: TokenSource,
-                 engine: EngineState, metrics: FrontendMetrics) -> None:
-        self._config = config
-        self._tokenizer = tokenizer
-        self._source = source
-        self._engine = engine
-        self._metrics = metrics
-        self._inflight: set[str] = set()
+    def __init__(self, core: FrontendCore) -> None:
+        self._core = core
 
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        started = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
-        code, detail = self._admission_error(request_id)
-        if code is not None:
-            self._metrics.requests_total.labels(code.name.lower()).inc()
-            await context.abort(code, detail)
-        self._inflight.add(request_id)
-        self._metrics.inflight_requests.inc()
-        code = grpc.StatusCode.OK
+        deltas = self._core.generate(request_from_proto(request, request_id), "grpc",
+                                     context.time_remaining())
         try:
-            async for message in self._generate(request, request_id, context, started):
-                yield message
-        except ValueError as error:
-            code, detail = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            async for delta in deltas:
+                yield delta_to_proto(delta, request_id)
         except ServiceError as error:
-            code, detail = error.code, error.message
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED
-                    if remaining is not None and remaining <= DEADLINE_SLACK_S
-                    else grpc.StatusCode.CANCELLED)
-            raise
-        finally:
-            self._inflight.discard(request_id)
-            self._metrics.inflight_requests.dec()
-            self._metrics.requests_total.labels(code.name.lower()).inc()
-            self._metrics.request_latency_seconds.observe(time.perf_counter() - started)
-        if code != grpc.StatusCode.OK:
-            await context.abort(code, detail)
-
-    def _admission_error(self, request_id: str) -> tuple[grpc.StatusCode | None, str]:
-        try:
-            validate_request_id(request_id)
-        except ValueError as error:
-            return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-        if request_id in self._inflight:
-            return grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight"
-        if len(self._inflight) >= self._config.max_concurrent:
-            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many concurrent requests: limit is {self._config.max_concurrent} "
-                    f"(--max-concurrent)")
-        return None, ""
-
-    async def _generate(self, request: generate_pb2.GenerateRequest, request_id: str,
-                        context: grpc.aio.ServicerContext, started: float
-                        ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        text_request = request_from_proto(request, request_id)
-        engine_request = await self._prepare(text_request)
-        stream = GenerationStream(engine_request, text_request.stop,
-                                  self._tokenizer.decode_stream_piece, self._source,
-                                  self._config.abort_drain_timeout_s)
-        first_token_seen = False
-        async for delta in stream.run(context.time_remaining()):
-            if delta.token_ids and not first_token_seen:
-                first_token_seen = True
-                self._metrics.time_to_first_token_seconds.observe(time.perf_counter() - started)
-            yield delta_to_proto(delta, request_id)
-
-    def _prompt_ids(self, request: TextRequest) -> list[int]:
-        started = time.perf_counter()
-        if request.chat is not None:
-            prompt_ids = self._tokenizer.chat_ids(request.chat)
-        else:
-            assert request.prompt is not None
-            prompt_ids = self._tokenizer.encode(request.prompt)
-        self._metrics.tokenize_seconds.observe(time.perf_counter() - started)
-        return prompt_ids
-
-    async def _prepare(self, request: TextRequest) -> EngineRequest:
-        """Validate, tokenize and size the request; ValueError/ServiceError on bad input."""
-        validate_request(request)
-        limits = self._engine.require_limits()
-        validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, limits.vocab_size)
-        chars = (len(request.prompt) if request.prompt is not None
-                 else sum(len(turn.content) for turn in request.chat or []))
-        if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
-        else:
-            prompt_ids = self._prompt_ids(request)
-        if not prompt_ids:
-            raise ValueError("prompt tokenizes to 0 tokens; it must hold at least 1 token")
-        max_new_tokens = resolve_max_new_tokens(request.max_new_tokens, len(prompt_ids),
-                                                limits.max_model_len,
-                                                self._config.default_max_new_tokens)
-        return EngineRequest(
-            request_id=request.request_id, prompt_token_ids=prompt_ids,
-            sampling=request.sampling, max_new_tokens=max_new_tokens,
-            stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
-            top_logprobs=request.top_logprobs)
+            await context.abort(error.code, error.message)
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.TokenizeResponse:
         add_special = (request.add_special_tokens if request.HasField("add_special_tokens")
                        else None)
-        started = time.perf_counter()
-        if len(request.text) > THREAD_TOKENIZE_CHARS:  # keep the event loop responsive
-            token_ids = await asyncio.to_thread(self._tokenizer.encode, request.text,
-                                                add_special_tokens=add_special)
-        else:
-            token_ids = self._tokenizer.encode(request.text, add_special_tokens=add_special)
-        self._metrics.tokenize_seconds.observe(time.perf_counter() - started)
+        token_ids = await self._core.tokenize(request.text, add_special, "grpc")
         return generate_pb2.TokenizeResponse(token_ids=token_ids)
 
     async def Detokenize(self, request: generate_pb2.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> generate_pb2.DetokenizeResponse:
-        token_ids = list(request.token_ids)
         try:
-            validate_token_ids("token_ids", token_ids, self._tokenizer.vocab_size)
+            text = await self._core.detokenize(list(request.token_ids),
+                                               request.skip_special_tokens)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        # Ids whose bytes are not valid UTF-8 (e.g. a lone byte token) decode to U+FFFD.
-        if len(token_ids) > THREAD_TOKENIZE_CHARS:
-            text = await asyncio.to_thread(self._tokenizer.decode, token_ids,
-                                           skip_special_tokens=request.skip_special_tokens)
-        else:
-            text = self._tokenizer.decode(token_ids,
-                                          skip_special_tokens=request.skip_special_tokens)
         return generate_pb2.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> generate_pb2.ModelInfo:
         try:
-            limits = self._engine.require_limits()
+            limits = self._core.limits()
         except ServiceError as error:
             await context.abort(error.code, error.message)
         return generate_pb2.ModelInfo(
-            model=limits.model or self._tokenizer.name, max_context=limits.max_model_len,
-            vocab_size=limits.vocab_size,
-            eos_token_ids=limits.eos_token_ids or self._tokenizer.eos_token_ids,
-            has_chat_template=self._tokenizer.has_chat_template)
+            model=self._core.model_name, max_context=limits.max_model_len,
+            vocab_size=limits.vocab_size, eos_token_ids=self._core.eos_token_ids,
+            has_chat_template=self._core.tokenizer.has_chat_template)
 
 
 def build_grpc_server(servicer: TextGenerationServicer,

@@ -114,10 +114,10 @@ def test_client_cancel_and_deadline_cancel_the_engine_call() -> None:
             await wait_until(lambda: "d-1" in s.engine.record.cancelled, 5.0,
                              "engine call was not cancelled after the deadline")
             metrics = s.frontend.metrics
-            await wait_until(lambda: metrics.inflight_requests._value.get() == 0, 5.0,
+            await wait_until(lambda: metrics.inflight_requests.labels("grpc")._value.get() == 0, 5.0,
                              "inflight gauge stuck")
             for status in ("cancelled", "deadline_exceeded"):
-                assert metrics.requests_total.labels(status)._value.get() == 1, status
+                assert metrics.requests_total.labels(status, "grpc")._value.get() == 1, status
     asyncio.run(body())
 
 
@@ -272,7 +272,10 @@ def test_health_reflection_and_metrics() -> None:
                          "llmserve_frontend_tokenize_seconds",
                          "llmserve_frontend_inflight_requests"):
                 assert name in body, name
-            assert 'llmserve_frontend_requests_total{status="ok"} 1.0' in body
-            assert 'llmserve_frontend_requests_total{status="invalid_argument"} 1.0' in body
-            assert "llmserve_frontend_time_to_first_token_seconds_count 1.0" in body
+            ok = 'llmserve_frontend_requests_total{protocol="grpc",status="ok"} 1.0'
+            assert ok in body
+            assert ('llmserve_frontend_requests_total{protocol="grpc",status="invalid_argument"} '
+                    '1.0') in body
+            assert ('llmserve_frontend_time_to_first_token_seconds_count{protocol="grpc"} 1.0'
+                    in body)
     asyncio.run(body())

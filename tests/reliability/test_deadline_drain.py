@@ -25,7 +25,8 @@ IN_FLIGHT = 3
 def _deadline_count(tokenizer) -> float:
     text = scrape(tokenizer.metrics_port)
     try:
-        return metric_value(text, 'llmserve_frontend_requests_total{status="deadline_exceeded"}')
+        return metric_value(
+            text, 'llmserve_frontend_requests_total{protocol="grpc",status="deadline_exceeded"}')
     except KeyError:  # the label appears with the first such request
         return 0.0
 

@@ -1,0 +1,193 @@
+"""The protocol-neutral front door behind both edges (gRPC server.py, OpenAI HTTP http_api.py).
+
+Admission (request id, in-flight limit), validation, tokenization, sizing the engine request,
+running the GenerationStream, turning failures into ServiceError codes and the frontend metrics
+all live here, once. The edges only convert their wire format to and from schema.py types.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tokenizer_svc.config import FrontendConfig
+from tokenizer_svc.generation import GenerationStream, TokenSource
+from tokenizer_svc.metrics import FrontendMetrics
+from tokenizer_svc.schema import (EngineLimits, EngineRequest, OutputDelta, ServiceError,
+                                  TextRequest)
+from tokenizer_svc.tokenizer import ModelTokenizer
+from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
+                                      validate_request_id, validate_token_ids)
+
+THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
+# The client's deadline fires first (ours starts when its request arrives, a transit later), and
+# its cancel reaches us slightly before our own deadline: count such a cancel as a deadline.
+DEADLINE_SLACK_S = 0.1
+
+
+class EngineState:
+    """What is known about the engine right now (kept up to date by app.EngineMonitor)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.limits: EngineLimits | None = None
+
+    def require_limits(self) -> EngineLimits:
+        if self.limits is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"engine at {self.address} unavailable: model info not loaded "
+                               f"yet (GetInfo has not succeeded)")
+        return self.limits
+
+
+class FrontendCore:
+    """One tokenizer, one engine: generate, tokenize, detokenize and model info for any edge."""
+
+    def __init__(self, config: FrontendConfig, tokenizer: ModelTokenizer, source: TokenSource,
+                 engine: EngineState, metrics: FrontendMetrics) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self._source = source
+        self._engine = engine
+        self._inflight: set[str] = set()
+
+    # ---- generate ------------------------------------------------------------------------------
+    async def generate(self, request: TextRequest, protocol: str,
+                       timeout_s: float | None = None) -> AsyncIterator[OutputDelta]:
+        """Admit, validate, tokenize and stream the request's deltas.
+
+        Raises ServiceError (INVALID_ARGUMENT for a bad field) before or during the stream;
+        cancellation propagates, counted as DEADLINE_EXCEEDED once timeout_s has passed.
+        """
+        started = time.perf_counter()
+        deadline = None if timeout_s is None else started + timeout_s
+        try:
+            self._admit(request.request_id)
+        except ServiceError as error:
+            self.metrics.requests_total.labels(error.code.name.lower(), protocol).inc()
+            raise
+        self._inflight.add(request.request_id)
+        inflight = self.metrics.inflight_requests.labels(protocol)
+        inflight.inc()
+        code = grpc.StatusCode.OK
+        try:
+            async for delta in self._run(request, protocol, started, deadline):
+                yield delta
+        except ValueError as error:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            raise ServiceError(code, str(error)) from None
+        except ServiceError as error:
+            code = error.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                    if deadline is not None and deadline - time.perf_counter() <= DEADLINE_SLACK_S
+                    else grpc.StatusCode.CANCELLED)
+            raise
+        finally:
+            self._inflight.discard(request.request_id)
+            inflight.dec()
+            self.metrics.requests_total.labels(code.name.lower(), protocol).inc()
+            self.metrics.request_latency_seconds.labels(protocol).observe(
+                time.perf_counter() - started)
+
+    def _admit(self, request_id: str) -> None:
+        try:
+            validate_request_id(request_id)
+        except ValueError as error:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if request_id in self._inflight:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id {request_id!r} is already in flight")
+        if len(self._inflight) >= self.config.max_concurrent:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many concurrent requests: limit is "
+                               f"{self.config.max_concurrent} (--max-concurrent)")
+
+    async def _run(self, request: TextRequest, protocol: str, started: float,
+                   deadline: float | None) -> AsyncIterator[OutputDelta]:
+        engine_request = await self._prepare(request, protocol)
+        stream = GenerationStream(engine_request, request.stop,
+                                  self.tokenizer.decode_stream_piece, self._source,
+                                  self.config.abort_drain_timeout_s)
+        timeout_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        first_token_seen = False
+        async for delta in stream.run(timeout_s):
+            if delta.token_ids and not first_token_seen:
+                first_token_seen = True
+                self.metrics.time_to_first_token_seconds.labels(protocol).observe(
+                    time.perf_counter() - started)
+            yield delta
+
+    def _prompt_ids(self, request: TextRequest, protocol: str) -> list[int]:
+        started = time.perf_counter()
+        if request.chat is not None:
+            prompt_ids = self.tokenizer.chat_ids(request.chat)
+        else:
+            assert request.prompt is not None
+            prompt_ids = self.tokenizer.encode(request.prompt)
+        self.metrics.tokenize_seconds.labels(protocol).observe(time.perf_counter() - started)
+        return prompt_ids
+
+    async def _prepare(self, request: TextRequest, protocol: str) -> EngineRequest:
+        """Validate, tokenize and size the request; ValueError/ServiceError on bad input."""
+        validate_request(request)
+        limits = self._engine.require_limits()
+        validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, limits.vocab_size)
+        chars = (len(request.prompt) if request.prompt is not None
+                 else sum(len(turn.content) for turn in request.chat or []))
+        if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request, protocol)
+        else:
+            prompt_ids = self._prompt_ids(request, protocol)
+        if not prompt_ids:
+            raise ValueError("prompt tokenizes to 0 tokens; it must hold at least 1 token")
+        max_new_tokens = resolve_max_new_tokens(request.max_new_tokens, len(prompt_ids),
+                                                limits.max_model_len,
+                                                self.config.default_max_new_tokens)
+        return EngineRequest(
+            request_id=request.request_id, prompt_token_ids=prompt_ids,
+            sampling=request.sampling, max_new_tokens=max_new_tokens,
+            stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+            top_logprobs=request.top_logprobs)
+
+    # ---- tokenizer and model info --------------------------------------------------------------
+    async def tokenize(self, text: str, add_special_tokens: bool | None, protocol: str
+                       ) -> list[int]:
+        """Text -> ids (a worker thread for long texts)."""
+        started = time.perf_counter()
+        if len(text) > THREAD_TOKENIZE_CHARS:  # keep the event loop responsive
+            token_ids = await asyncio.to_thread(self.tokenizer.encode, text,
+                                                add_special_tokens=add_special_tokens)
+        else:
+            token_ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        self.metrics.tokenize_seconds.labels(protocol).observe(time.perf_counter() - started)
+        return token_ids
+
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        """Ids -> text; ValueError names the first id outside the vocabulary."""
+        validate_token_ids("token_ids", token_ids, self.tokenizer.vocab_size)
+        # Ids whose bytes are not valid UTF-8 (e.g. a lone byte token) decode to U+FFFD.
+        if len(token_ids) > THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.decode, token_ids,
+                                           skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def limits(self) -> EngineLimits:
+        """The engine's limits; ServiceError UNAVAILABLE until its info has been loaded."""
+        return self._engine.require_limits()
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name: the engine's, else the tokenizer directory's."""
+        limits = self._engine.limits
+        return (limits.model if limits is not None and limits.model else self.tokenizer.name)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        limits = self._engine.limits
+        return (limits.eos_token_ids if limits is not None and limits.eos_token_ids
+                else self.tokenizer.eos_token_ids)
