@@ -51,7 +51,8 @@ def request_to_proto(request: EngineRequest) -> engine_pb2.EngineGenerateRequest
         request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
         sampling=_sampling_to_proto(request), max_new_tokens=request.max_new_tokens,
         stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
-        top_logprobs=request.top_logprobs)
+        top_logprobs=request.top_logprobs, logit_bias=request.logit_bias,
+        min_tokens=request.min_tokens)
 
 
 def chunk_from_proto(message: engine_pb2.EngineGenerateResponse) -> EngineChunk:

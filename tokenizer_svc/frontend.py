@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
 from tokenizer_svc.config import FrontendConfig
-from tokenizer_svc.generation import GenerationStream, TokenSource
+from tokenizer_svc.generation import GenerationStream, TokenSource, run_samples
 from tokenizer_svc.metrics import FrontendMetrics
 from tokenizer_svc.schema import (EngineLimits, EngineRequest, OutputDelta, ServiceError,
                                   TextRequest)
 from tokenizer_svc.tokenizer import ModelTokenizer
-from tokenizer_svc.validation import (resolve_max_new_tokens, validate_request,
-                                      validate_request_id, validate_token_ids)
+from tokenizer_svc.validation import (check_min_tokens, resolve_max_new_tokens,
+                                      validate_request, validate_request_id, validate_token_ids,
+                                      validate_vocab_fields)
 
 THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 # The client's deadline fires first (ours starts when its request arrives, a transit later), and
@@ -110,12 +111,15 @@ class FrontendCore:
     async def _run(self, request: TextRequest, protocol: str, started: float,
                    deadline: float | None) -> AsyncIterator[OutputDelta]:
         engine_request = await self._prepare(request, protocol)
-        stream = GenerationStream(engine_request, request.stop,
-                                  self.tokenizer.decode_stream_piece, self._source,
-                                  self.config.abort_drain_timeout_s)
         timeout_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
+
+        def open_stream(sample: EngineRequest) -> AsyncGenerator[OutputDelta, None]:
+            return GenerationStream(sample, request.stop, self.tokenizer.decode_stream_piece,
+                                    self._source, self.config.abort_drain_timeout_s
+                                    ).run(timeout_s)
+
         first_token_seen = False
-        async for delta in stream.run(timeout_s):
+        async for delta in run_samples(engine_request, request.n, open_stream):
             if delta.token_ids and not first_token_seen:
                 first_token_seen = True
                 self.metrics.time_to_first_token_seconds.labels(protocol).observe(
@@ -123,6 +127,8 @@ class FrontendCore:
             yield delta
 
     def _prompt_ids(self, request: TextRequest, protocol: str) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
         started = time.perf_counter()
         if request.chat is not None:
             prompt_ids = self.tokenizer.chat_ids(request.chat)
@@ -136,7 +142,7 @@ class FrontendCore:
         """Validate, tokenize and size the request; ValueError/ServiceError on bad input."""
         validate_request(request)
         limits = self._engine.require_limits()
-        validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, limits.vocab_size)
+        validate_vocab_fields(request, limits.vocab_size)
         chars = (len(request.prompt) if request.prompt is not None
                  else sum(len(turn.content) for turn in request.chat or []))
         if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
@@ -148,11 +154,13 @@ class FrontendCore:
         max_new_tokens = resolve_max_new_tokens(request.max_new_tokens, len(prompt_ids),
                                                 limits.max_model_len,
                                                 self.config.default_max_new_tokens)
+        check_min_tokens(request.min_tokens, max_new_tokens)
         return EngineRequest(
             request_id=request.request_id, prompt_token_ids=prompt_ids,
             sampling=request.sampling, max_new_tokens=max_new_tokens,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
-            top_logprobs=request.top_logprobs)
+            top_logprobs=request.top_logprobs, logit_bias=dict(request.logit_bias),
+            min_tokens=request.min_tokens)
 
     # ---- tokenizer and model info --------------------------------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool | None, protocol: str

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -17,6 +18,9 @@ from tokenizer_svc.detokenizer import DecodeFn, IncrementalDetokenizer
 from tokenizer_svc.schema import (EngineChunk, EngineRequest, FinishReason, OutputDelta,
                                   ServiceError, TokenLogprobInfo, UsageCounts)
 from tokenizer_svc.stops import StopStringMatcher
+
+MAX_SEED = 2**63
+Item = TypeVar("Item")
 
 
 class TokenSource(Protocol):
@@ -115,3 +119,79 @@ class GenerationStream:
         except (TimeoutError, ServiceError):
             pass
         return None
+
+
+# ---- n samples of one prompt ------------------------------------------------------------------
+def sample_request(request: EngineRequest, index: int) -> EngineRequest:
+    """Sample `index` of a request: sample 0 is the request itself; sample i > 0 gets its own
+    engine request id and, when seeded, seed + i."""
+    if index == 0:
+        return request
+    seed = request.sampling.seed
+    sampling = (request.sampling if seed is None
+                else dataclasses.replace(request.sampling, seed=(seed + index) % MAX_SEED))
+    return dataclasses.replace(request, request_id=f"{request.request_id}/{index}",
+                               sampling=sampling)
+
+
+async def merge_streams(streams: Sequence[AsyncGenerator[Item, None]]
+                        ) -> AsyncIterator[tuple[int, Item]]:
+    """Items of several streams as they arrive, with the stream's position. The first error
+    ends the merge; every stream still open is cancelled (its engine call with it) on exit."""
+    queue: asyncio.Queue[tuple[int, Item | None, BaseException | None, bool]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[Item, None]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((index, item, None, False))
+            queue.put_nowait((index, None, None, True))
+        except Exception as error:  # noqa: BLE001  (handed to the consumer)
+            queue.put_nowait((index, None, error, True))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, item, error, finished = await queue.get()
+            if error is not None:
+                raise error
+            if finished:
+                open_streams -= 1
+            else:
+                yield index, item  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_samples(request: EngineRequest, n: int,
+                      open_stream: Callable[[EngineRequest], AsyncGenerator[OutputDelta, None]]
+                      ) -> AsyncIterator[OutputDelta]:
+    """n samples of one prompt, for now as n engine requests (the engine-side version sharing
+    the prompt's KV rows replaces this function), merged into one stream: `index` tells the
+    samples apart, each sample's last delta has its finish_reason, the stream's last delta the
+    usage (prompt once, every sample's completion tokens, the cached prompt tokens of the
+    sample that found the fewest)."""
+    if n == 1:
+        async with contextlib.aclosing(open_stream(request)) as deltas:
+            async for delta in deltas:
+                yield delta
+        return
+    usage = UsageCounts(prompt_tokens=len(request.prompt_token_ids))
+    cached: list[int] = []
+    running = n
+    streams = [open_stream(sample_request(request, i)) for i in range(n)]
+    async for index, delta in merge_streams(streams):
+        delta.index = index
+        if delta.finish_reason is not None:
+            running -= 1
+            if delta.usage is not None:
+                usage.completion_tokens += delta.usage.completion_tokens
+                cached.append(delta.usage.cached_prompt_tokens)
+            delta.usage = None
+            if running == 0:
+                usage.cached_prompt_tokens = min(cached, default=0)
+                delta.usage = usage
+        yield delta

@@ -52,18 +52,32 @@ class ChatTurn:
 
 
 @dataclass(slots=True)
+class ResponseFormatSpec:
+    """A structured-output constraint: kind is json_schema, json_object, regex, grammar or
+    choice; value holds the schema, regex, grammar or the choices."""
+
+    kind: str
+    value: str | bool | list[str] = ""
+
+
+@dataclass(slots=True)
 class TextRequest:
-    """A public Generate request: exactly one of prompt / chat is set."""
+    """A public Generate request: exactly one of prompt / chat / prompt_token_ids is set."""
 
     request_id: str
     prompt: str | None = None
     chat: list[ChatTurn] | None = None
+    prompt_token_ids: list[int] | None = None  # already tokenized (OpenAI completions)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     max_new_tokens: int | None = None  # None: server default, capped by the context
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     top_logprobs: int = 0
+    n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    response_format: ResponseFormatSpec | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +105,8 @@ class EngineRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -123,10 +139,12 @@ class EngineChunk:
 
 @dataclass(slots=True)
 class OutputDelta:
-    """One message of the public stream: new text and ids; the last one has finish + usage."""
+    """One message of the public stream: new text and ids of sample `index`; each sample's last
+    one has its finish_reason, the stream's last one the usage of the whole request."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobInfo] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: UsageCounts | None = None
+    index: int = 0

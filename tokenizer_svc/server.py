@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
 from tokenizer_svc.decode_guard import DecodeGuardInterceptor
 from tokenizer_svc.frontend import FrontendCore
-from tokenizer_svc.schema import (ChatTurn, FinishReason, OutputDelta, SamplingSettings,
-                                  ServiceError, TextRequest)
+from tokenizer_svc.schema import (ChatTurn, FinishReason, OutputDelta, ResponseFormatSpec,
+                                  SamplingSettings, ServiceError, TextRequest)
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -52,13 +52,23 @@ def request_from_proto(message: generate_pb2.GenerateRequest, request_id: str) -
         max_new_tokens=(stopping.max_new_tokens if stopping.HasField("max_new_tokens")
                         else None),
         stop=list(stopping.stop), stop_token_ids=list(stopping.stop_token_ids),
-        ignore_eos=stopping.ignore_eos, top_logprobs=message.top_logprobs)
+        ignore_eos=stopping.ignore_eos, top_logprobs=message.top_logprobs,
+        n=message.n or 1, logit_bias=dict(message.logit_bias), min_tokens=stopping.min_tokens,
+        response_format=_response_format(message))
+
+
+def _response_format(message: generate_pb2.GenerateRequest) -> ResponseFormatSpec | None:
+    kind = message.response_format.WhichOneof("kind")
+    if kind is None:
+        return None
+    value = getattr(message.response_format, kind)
+    return ResponseFormatSpec(kind, list(value.values) if kind == "choice" else value)
 
 
 def delta_to_proto(delta: OutputDelta, request_id: str) -> generate_pb2.GenerateResponse:
     """OutputDelta -> GenerateResponse (finish_reason and usage only on the last one)."""
     message = generate_pb2.GenerateResponse(
-        request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+        request_id=request_id, text=delta.text, token_ids=delta.token_ids, index=delta.index,
         logprobs=[generate_pb2.TokenLogprob(
             token_id=lp.token_id, logprob=lp.logprob,
             top=[generate_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])

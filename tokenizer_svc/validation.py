@@ -19,6 +19,9 @@ MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**63
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID_CHARS = 128
+MAX_N = 16
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 # top_k is a uint32 on the wire: any value >= the vocabulary size keeps every token (same as 0).
 
 
@@ -55,10 +58,12 @@ def validate_sampling(sampling: SamplingSettings) -> None:
 
 def validate_input(request: TextRequest) -> None:
     """The prompt or chat: present, non-empty, known roles."""
-    if request.prompt is None and request.chat is None:
+    if request.prompt is None and request.chat is None and request.prompt_token_ids is None:
         raise ValueError("input: set either prompt or chat")
     if request.prompt is not None and not request.prompt:
         raise ValueError("prompt must not be empty")
+    if request.prompt_token_ids is not None and not request.prompt_token_ids:
+        raise ValueError("prompt must hold at least 1 token id, got 0")
     if request.chat is not None:
         if not request.chat:
             raise ValueError("chat.messages must hold at least 1 message, got 0")
@@ -99,11 +104,44 @@ def validate_request_id(request_id: str) -> None:
                          "characters or line breaks)")
 
 
+def validate_generation_features(request: TextRequest) -> None:
+    """n, logit_bias (values; ids need the vocabulary), min_tokens, response_format."""
+    if not 1 <= request.n <= MAX_N:
+        raise ValueError(f"n must be in [1, {MAX_N}] (0 = 1), got {request.n}")
+    if len(request.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+                         f"got {len(request.logit_bias)}")
+    for token_id, bias in request.logit_bias.items():
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise ValueError(f"logit_bias[{token_id}] must be in [-{MAX_LOGIT_BIAS:g}, "
+                             f"{MAX_LOGIT_BIAS:g}], got {bias:g}")
+    if request.min_tokens < 0:
+        raise ValueError(f"stopping.min_tokens must be >= 0, got {request.min_tokens}")
+    if request.max_new_tokens is not None and request.min_tokens > request.max_new_tokens:
+        raise ValueError(f"stopping.min_tokens must be <= max_new_tokens "
+                         f"({request.max_new_tokens}), got {request.min_tokens}")
+    if request.response_format is not None:
+        raise ValueError(f"response_format is not supported yet "
+                         f"(got {request.response_format.kind})")
+
+
 def validate_request(request: TextRequest) -> None:
     """Everything that can be checked before tokenizing; raise ValueError on the first problem."""
     validate_input(request)
     validate_sampling(request.sampling)
     validate_stopping(request)
+    validate_generation_features(request)
+
+
+def validate_vocab_fields(request: TextRequest, vocab_size: int) -> None:
+    """Token ids of the request (stop ids, logit_bias keys, a tokenized prompt) < vocab_size."""
+    validate_token_ids("stopping.stop_token_ids", request.stop_token_ids, vocab_size)
+    for token_id in request.logit_bias:
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size}), "
+                             f"got {token_id}")
+    if request.prompt_token_ids is not None:
+        validate_token_ids("prompt", request.prompt_token_ids, vocab_size)
 
 
 def validate_token_ids(field_name: str, token_ids: list[int], vocab_size: int) -> None:
@@ -127,3 +165,10 @@ def resolve_max_new_tokens(requested: int | None, prompt_tokens: int, max_model_
         raise ValueError(f"stopping.max_new_tokens must be in [1, {room}] (max_model_len "
                          f"{max_model_len} - {prompt_tokens} prompt tokens), got {requested}")
     return requested
+
+
+def check_min_tokens(min_tokens: int, max_new_tokens: int) -> None:
+    """min_tokens against the resolved generation budget (the request may leave it unset)."""
+    if min_tokens > max_new_tokens:
+        raise ValueError(f"stopping.min_tokens must be <= max_new_tokens ({max_new_tokens}, "
+                         f"the budget left for this prompt), got {min_tokens}")

@@ -1,0 +1,136 @@
+"""n samples, logit_bias, min_tokens and response_format through the gRPC API (fake engine)."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from llmserve.v1 import generate_pb2
+from tests.fakes.fake_engine import ScriptedReply
+from tests.frontend.harness import REPLY_TEXT, reply_ids, running_stack, shared_tokenizer
+from tokenizer_svc.generation import merge_streams
+
+
+def _request(**fields) -> generate_pb2.GenerateRequest:
+    request = generate_pb2.GenerateRequest(prompt="Hello there", **fields)
+    request.sampling.temperature = 0.7
+    return request
+
+
+def test_n_samples_are_n_engine_requests_merged_with_index_and_one_usage() -> None:
+    def script(request) -> ScriptedReply:  # sample i answers with a different length
+        index = int(request.request_id.rpartition("/")[2] or 0) if "/" in request.request_id \
+            else 0
+        return ScriptedReply(reply_ids()[:10 + 5 * index], finish_reason=1, delay_s=0.002,
+                             cached_prompt_tokens=3 - index)
+
+    async def body() -> None:
+        async with running_stack(script) as s:
+            request = _request(request_id="fan", n=3)
+            request.sampling.seed = 2**63 - 2
+            messages = await s.generate(request)
+            sent = sorted(s.engine.record.requests, key=lambda r: r.request_id)
+            assert [r.request_id for r in sent] == ["fan", "fan/1", "fan/2"]
+            assert [r.sampling.seed for r in sent] == [2**63 - 2, 2**63 - 1, 0]  # seed + i
+            assert len({tuple(r.prompt_token_ids) for r in sent}) == 1  # one tokenization
+            by_index = {i: [m for m in messages if m.index == i] for i in range(3)}
+            for index, own in by_index.items():
+                ids = [t for m in own for t in m.token_ids]
+                assert ids == reply_ids()[:10 + 5 * index]
+                assert own[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+                assert all(m.finish_reason == 0 for m in own[:-1])
+            assert {m.index for m in messages} == {0, 1, 2}
+            with_usage = [m for m in messages if m.HasField("usage")]
+            assert with_usage == [messages[-1]]
+            usage = messages[-1].usage
+            prompt = len(shared_tokenizer().encode("Hello there"))
+            assert (usage.prompt_tokens, usage.completion_tokens,
+                    usage.cached_prompt_tokens) == (prompt, 10 + 15 + 20, 1)
+    asyncio.run(body())
+
+
+def test_n_one_and_unset_behave_alike_and_new_fields_reach_the_engine() -> None:
+    async def body() -> None:
+        async with running_stack() as s:
+            request = _request(request_id="one", n=1, logit_bias={5: 2.5, 7: -100.0})
+            request.stopping.min_tokens = 4
+            request.stopping.max_new_tokens = 50
+            messages = await s.generate(request)
+            assert "".join(m.text for m in messages) == REPLY_TEXT
+            assert all(m.index == 0 for m in messages)
+            sent = s.engine.record.requests[0]
+            assert sent.request_id == "one"
+            assert dict(sent.logit_bias) == {5: 2.5, 7: -100.0} and sent.min_tokens == 4
+            unset = await s.generate(_request(request_id="unset"))
+            assert [m.text for m in unset] == [m.text for m in messages]
+    asyncio.run(body())
+
+
+def test_one_failing_sample_fails_the_request_and_cancels_the_others() -> None:
+    def script(request) -> ScriptedReply:
+        if request.request_id.endswith("/1"):
+            return ScriptedReply([], error=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 error_message="queue full")
+        return ScriptedReply(reply_ids() * 20, delay_s=0.02)
+
+    async def body() -> None:
+        async with running_stack(script) as s:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await s.generate(_request(request_id="f", n=3))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in error.value.details()
+            for sample in ("f", "f/2"):
+                assert sample in s.engine.record.cancelled or sample in s.engine.record.abort_calls
+            assert not s.engine.record.completed
+    asyncio.run(body())
+
+
+BAD = [
+    (dict(n=17), "n must be in [1, 16]"),
+    (dict(logit_bias={i: 1.0 for i in range(301)}), "logit_bias holds at most 300 entries"),
+    (dict(logit_bias={3: 100.5}), "logit_bias[3] must be in [-100, 100], got 100.5"),
+    (dict(logit_bias={3: float("nan")}), "logit_bias[3] must be in [-100, 100]"),
+    (dict(logit_bias={10**7: 1.0}), "logit_bias keys must be token ids in [0,"),
+    (dict(stopping=generate_pb2.StoppingCriteria(max_new_tokens=5, min_tokens=6)),
+     "stopping.min_tokens must be <= max_new_tokens (5)"),
+    (dict(stopping=generate_pb2.StoppingCriteria(min_tokens=10_000)),
+     "stopping.min_tokens must be <= max_new_tokens ("),
+    (dict(response_format=generate_pb2.ResponseFormat(json_object=True)),
+     "response_format is not supported yet"),
+    (dict(response_format=generate_pb2.ResponseFormat(
+        choice=generate_pb2.Choices(values=["a"]))), "response_format is not supported yet"),
+]
+
+
+def test_new_fields_are_validated_with_invalid_argument_naming_them() -> None:
+    async def body() -> None:
+        async with running_stack() as s:
+            for fields, expected in BAD:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await s.generate(_request(**fields))
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+                assert expected in error.value.details(), (expected, error.value.details())
+            assert not s.engine.record.requests  # nothing reached the engine
+            assert "".join(m.text for m in await s.generate(_request())) == REPLY_TEXT
+    asyncio.run(body())
+
+
+def test_merge_streams_closes_every_stream_when_the_consumer_stops() -> None:
+    closed: list[int] = []
+
+    async def stream(index: int):
+        try:
+            for item in range(1000):
+                await asyncio.sleep(0.001)
+                yield item
+        finally:
+            closed.append(index)
+
+    async def body() -> None:
+        merged = merge_streams([stream(0), stream(1)])
+        seen = [await anext(merged) for _ in range(6)]
+        await merged.aclose()
+        assert {index for index, _ in seen} <= {0, 1}
+        assert sorted(closed) == [0, 1]
+    asyncio.run(body())
