@@ -8,10 +8,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup proto model run test bench bench-kernels clean help
+.PHONY: setup proto model run test bench bench-kernels k8s-manifests clean help
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 setup: $(STAMP) proto  ## create .venv from requirements.txt (idempotent) and build the gRPC stubs
 
@@ -50,6 +50,14 @@ bench: setup model  ## CPU benchmarks side by side with their baselines (results
 
 bench-kernels: setup  ## Triton kernels vs torch at serving shapes (needs a CUDA GPU)
 	$(PY) bench/kernels.py --json bench/results/kernels.json
+
+K8S_OUT ?= build/k8s
+k8s-manifests:  ## render deploy/k8s/overlays/{gpu,cpu} with kubectl kustomize into build/k8s/ (K8S_OUT=dir)
+	@mkdir -p $(K8S_OUT)
+	@for overlay in gpu cpu; do \
+	    kubectl kustomize deploy/k8s/overlays/$$overlay > $(K8S_OUT)/$$overlay.yaml || exit 1; \
+	    echo "$(K8S_OUT)/$$overlay.yaml"; \
+	done
 
 clean:  ## remove generated stubs (keeps .venv and models)
 	rm -rf llmserve
