@@ -11,7 +11,8 @@ from tests.deploy.dockerfile import parse_dockerfile
 
 TORCH_FROM_BASE_IMAGE = {"torch", "triton"}
 # test and benchmark tools: not needed inside the images
-DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf", "pyyaml", "matplotlib"}
+DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf", "pyyaml", "matplotlib",
+            "kubernetes-validate"}
 HEAVY = {"torch", "triton", "transformers", "numpy"}
 
 
