@@ -66,6 +66,41 @@ class PoolMachine(RuleBasedStateMachine):
         rows = self.holders.pop(data.draw(st.integers(0, len(self.holders) - 1)))
         self.pool.free(rows)
 
+    @precondition(lambda self: any(rows.size for rows in self.holders))
+    @rule(data=st.data())
+    def share_rows_repeated_in_one_call(self, data: st.DataObject) -> None:
+        """One share() call naming some rows several times: each listing is one reference."""
+        source = self.holders[data.draw(st.sampled_from(
+            [i for i, rows in enumerate(self.holders) if rows.size]))]
+        picks = data.draw(st.lists(st.integers(0, source.size - 1), min_size=2, max_size=8))
+        picks.append(picks[0])  # at least one row listed twice
+        rows = source[picks]
+        expected = self._expected_counts() + np.bincount(rows, minlength=self.pool.capacity)
+        self.pool.share(rows)
+        self.holders.append(rows.copy())
+        assert np.array_equal(self.pool.ref_counts(), expected)
+
+    @precondition(lambda self: bool((self._expected_counts() >= 2).any()))
+    @rule(data=st.data())
+    def free_one_row_twice_in_one_call(self, data: st.DataObject) -> None:
+        """free([r, r, ...]) on a row with count >= 2 drops as many references as listings."""
+        expected = self._expected_counts()
+        row = data.draw(st.sampled_from(np.flatnonzero(expected >= 2).tolist()))
+        times = data.draw(st.integers(2, int(expected[row])))
+        others = [r for r in np.flatnonzero(expected == 1).tolist() if r != row]
+        other = data.draw(st.sampled_from(others)) if others and data.draw(st.booleans()) else None
+        released = [row] * times + ([other] if other is not None else [])
+        released = data.draw(st.permutations(released))
+        self.pool.free(np.array(released, np.int64))
+        for gone in released:  # drop one listing of the row from whichever holder has it
+            holder = next(i for i, rows in enumerate(self.holders) if (rows == gone).any())
+            rows = self.holders[holder]
+            self.holders[holder] = np.delete(rows, int(np.flatnonzero(rows == gone)[0]))
+        assert self.pool.ref_counts([row])[0] == expected[row] - times
+        if other is not None:
+            assert self.pool.ref_counts([other])[0] == 0
+        assert np.array_equal(self.pool.ref_counts(), self._expected_counts())
+
     @precondition(lambda self: self.holders)
     @rule(data=st.data())
     def double_free_is_rejected(self, data: st.DataObject) -> None:
