@@ -1,4 +1,4 @@
-"""bf16 projections on CPU: the C kernel (kernels/csrc/gemm_bf16.c) against oneDNN, side by side.
+"""bf16 projections on CPU: the C kernel (kernels/cpu/csrc/gemm_bf16.c) against oneDNN, side by side.
 
 For each projection of the model (qkv, o_proj, gate_up, down: one distinct weight per layer, so
 weights come from memory as in a forward pass; lm_head once) and each row count (1 = one decode
@@ -37,7 +37,7 @@ def best_seconds(fn, repeats: int) -> float:
 def bench_shape(name: str, rows: int, layers: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from kernels import cpu_linear
+    from kernels.cpu import linear as cpu_linear
 
     out_features, in_features = SHAPES[name]
     count = 1 if name == "lm_head" else layers
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
         parser.error("--rows, --layers and --repeats must be >= 1")
     threads = set_threads(args.threads)
-    from kernels import cpu_linear
+    from kernels.cpu import linear as cpu_linear
 
     if not cpu_linear.native_available():
         print("the C bf16 kernel is not available here (needs AVX512-BF16 and a C compiler)")

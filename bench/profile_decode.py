@@ -5,7 +5,7 @@ every F.linear (split by weight shape: qkv, o_proj, gate_up, down, lm_head) and 
 wall-clock timers, runs --steps pure-decode steps per batch size and prints ms per step per part.
 "Python/glue" is what the step took beyond the timed parts (views, dataclasses, tensor building).
 Untimed steps are measured first so the timers' own overhead shows. A bf16 model on CPU runs its
-layers in one C call (engine_svc/models/native_layers.py): the untimed steps use it, the timed
+layers in one C call (kernels/cpu/layer_loop.py): the untimed steps use it, the timed
 ones the Python loop over the same kernels, so the parts show where the time goes.
 
     python bench/profile_decode.py --batch 1 32 --dtype float32 --threads 2 --json OUT

@@ -19,7 +19,6 @@ from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.weights import ModelConfig, load_weights
-from kernels import cpu_linear
 from kernels.backend import get_ops, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -77,13 +76,10 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)
-        self.model = LlamaModel(model_config, weights, get_ops(self.backend),
-                                self.max_model_len, prepack=self.device.type == "cpu")
-        if self.model.linear in (cpu_linear.native_linear, cpu_linear.packed_linear):
-            log.info("bf16 projections packed once for %s (kernels/cpu_linear.py)",
-                     "the AVX512-BF16 C kernel" if self.model.linear is cpu_linear.native_linear
-                     else "oneDNN")
-        self.sampler = Sampler(model_config.vocab_size, self.device)
+        # the backend packs the projections once where it can (it logs how: kernels/cpu/linear.py)
+        self.model = LlamaModel(model_config, weights, get_ops(self.backend), self.max_model_len)
+        self.sampler = Sampler(model_config.vocab_size, self.device,
+                               argmax=self.model.ops.argmax_rows)
         self.capacity = self._kv_capacity()
         # the table also owns the padding conventions (its dummy slot, the pool's scratch row)
         self.table = ReqToTokenTable(config.max_num_seqs, self.max_model_len, self.capacity,

@@ -15,14 +15,14 @@ Rows' params are assumed already validated (SamplingParams.validate at admission
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine_svc.params import SamplingParams
-from kernels.cpu_ops import argmax_rows
+from kernels import reference
 
 _NEG_INF = float("-inf")
 _NEUTRAL = SamplingParams()  # stands in for greedy rows while sampling; never mutated
@@ -41,11 +41,15 @@ class SamplerOutput:
 class Sampler:
     """Turns a batch of logits into next tokens, one SamplingParams per row."""
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int | None = None) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int | None = None,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] = reference.argmax_rows) -> None:
+        """`argmax`: the backend's row argmax for all-greedy batches (KernelOps.argmax_rows;
+        the CPU one is a C loop), torch's by default."""
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self._argmax_rows = argmax
         self._generator = torch.Generator(device=self.device)
         if seed is None:
             self._generator.seed()
@@ -61,7 +65,7 @@ class Sampler:
         any_penalty = any(p.has_penalties for p in params)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not any_penalty:
-            token_ids = argmax_rows(raw)  # fast path: no sort, no per-row work
+            token_ids = self._argmax_rows(raw)  # fast path: no sort, no per-row work
         else:
             token_ids = self._choose(raw, params, generators, prompt_ids, output_ids)
         top_k = min(max((p.top_logprobs for p in params), default=0), self.vocab_size)

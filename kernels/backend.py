@@ -1,6 +1,7 @@
-"""Pick the kernel implementation: Triton on CUDA, pure torch (kernels.cpu_ops) on CPU.
+"""Pick the kernel implementation: Triton on CUDA (kernels/triton), the CPU path (kernels/cpu)
+on CPU. Both fill the same `KernelOps`, so the model never names a backend's modules.
 
-Importing this module imports neither Triton nor any kernel; `get_ops("triton")` does.
+Importing this module imports neither Triton nor any Triton kernel; `get_ops("triton")` does.
 """
 
 from __future__ import annotations
@@ -9,8 +10,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from kernels import cpu_ops, reference
+from kernels import reference
+from kernels.cpu import layer_loop as cpu_layer_loop
+from kernels.cpu import linear as cpu_linear
+from kernels.cpu import ops as cpu_ops
+from kernels.model_view import LayerLoop, LinearFn, ModelConfigView, ModelWeightsView
 from kernels.triton.launch import interpret_mode
 
 BACKENDS = ("auto", "triton", "torch")
@@ -18,7 +25,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True, slots=True)
 class KernelOps:
-    """The model ops of one backend; all share the signatures in kernels.reference."""
+    """The model ops of one backend; the kernel ops share the signatures in kernels.reference."""
 
     backend: str
     rms_norm: Callable
@@ -29,6 +36,12 @@ class KernelOps:
     rope_and_store_kv: Callable   # apply_rope then store_kv, fused where a backend can
     prefill_attention: Callable
     decode_attention: Callable
+    # model-level extras: the CPU backend's fast path, plain torch elsewhere
+    prepare_weights: Callable     # (ModelWeights) -> ModelWeights, projections packed once
+    linear_for: Callable[[Tensor], LinearFn]   # the product for weights packed like this one
+    # (config, weights, cos_sin, scale) -> every layer in one call, or None (Python loop)
+    layer_loop: Callable[[ModelConfigView, ModelWeightsView, Tensor, float], LayerLoop | None]
+    argmax_rows: Callable[[Tensor], Tensor]   # [rows, cols] float32 -> [rows] int64
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -46,6 +59,22 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _unchanged(weights: ModelWeightsView) -> ModelWeightsView:
+    """Triton: projections stay plain [out, in] tensors."""
+    return weights
+
+
+def _plain_linear(weight: Tensor) -> LinearFn:
+    """Triton: every projection is F.linear (cuBLAS)."""
+    return F.linear
+
+
+def _no_layer_loop(config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
+                   scale: float) -> None:
+    """Triton: the layers run one kernel call at a time (CUDA graphs remove the overhead)."""
+    return None
+
+
 def get_ops(backend: str) -> KernelOps:
     """Return the ops for a concrete backend ('torch' or 'triton')."""
     if backend == "torch":
@@ -59,6 +88,10 @@ def get_ops(backend: str) -> KernelOps:
             rope_and_store_kv=cpu_ops.rope_and_store_kv,
             prefill_attention=cpu_ops.prefill_attention,
             decode_attention=cpu_ops.decode_attention,
+            prepare_weights=cpu_linear.prepare_weights,
+            linear_for=cpu_linear.linear_for,
+            layer_loop=cpu_layer_loop.NativeLayerLoop.create,
+            argmax_rows=cpu_ops.argmax_rows,
         )
     if backend == "triton":
         from kernels.triton.decode_attention import decode_attention
@@ -78,5 +111,9 @@ def get_ops(backend: str) -> KernelOps:
             rope_and_store_kv=reference.rope_then_store(apply_rope, store_kv),
             prefill_attention=prefill_attention,
             decode_attention=decode_attention,
+            prepare_weights=_unchanged,
+            linear_for=_plain_linear,
+            layer_loop=_no_layer_loop,
+            argmax_rows=reference.argmax_rows,
         )
     raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")

@@ -197,3 +197,8 @@ def decode_attention(
                                          scale=scale)  # [batch, kv_heads, group, d]
     out = torch.nan_to_num(out, nan=0.0)  # rows with seq_len 0 give zeros, not NaN
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """x.argmax(dim=-1) for [rows, cols] logits (int64 [rows]); the first maximum wins."""
+    return x.argmax(dim=-1)

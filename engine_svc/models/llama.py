@@ -7,15 +7,12 @@ key and value through the request->token table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine_svc.models.native_layers import NativeLayers
 from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
-from kernels import cpu_linear
 from kernels.backend import KernelOps
 
 
@@ -49,19 +46,21 @@ class LlamaModel:
     """Stateless forward over `ModelWeights`; kernels come from `ops` (torch or triton)."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: KernelOps,
-                 max_positions: int, prepack: bool = False) -> None:
+                 max_positions: int) -> None:
         self.config = config
-        self.weights = prepack_for_cpu(weights) if prepack else weights
-        # F.linear, or the function for how prepack_for_cpu packed every projection
-        self.linear = cpu_linear.linear_for(self.weights.lm_head)
+        # projections packed once where the backend has a faster product for them (bf16 on CPU)
+        self.weights = ops.prepare_weights(weights)
+        # F.linear, or the product for how prepare_weights packed every projection
+        self.linear = ops.linear_for(self.weights.lm_head)
         self.ops = ops
         device = weights.embed_tokens.device
         # cos_sin: [max_positions, head_dim] float32
         self.cos_sin = ops.build_rope_cache(config.head_dim, max_positions, config.rope_theta,
                                             config.rope_scaling, device)
         self.scale = config.head_dim ** -0.5
-        # every layer in one C call where the model runs packed bf16 on CPU (else None)
-        self.native = NativeLayers.create(config, self.weights, ops, self.cos_sin, self.scale)
+        # every layer in one call where the backend has a loop for this model (packed bf16 on
+        # CPU: kernels/cpu/csrc/forward_layers.c), else None and _layers runs
+        self.native = ops.layer_loop(config, self.weights, self.cos_sin, self.scale)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -79,7 +78,10 @@ class LlamaModel:
 
     def _layers(self, hidden: torch.Tensor, batch: ForwardBatch,
                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder layers one kernel call at a time: (last output, residual stream)."""
+        """The decoder layers one kernel call at a time: (last output, residual stream).
+
+        kernels/cpu/csrc/forward_layers.c re-encodes this order in C (the CPU layer loop);
+        tests/engine/test_native_layers.py holds the two to bit-for-bit equality."""
         w, ops, eps, linear = self.weights, self.ops, self.config.rms_norm_eps, self.linear
         residual: torch.Tensor | None = None
         for index, layer in enumerate(w.layers):
@@ -118,25 +120,3 @@ class LlamaModel:
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [tokens, heads, head_dim]
         return self.linear(out.reshape(tokens, q_size), layer.o_proj, None)
 
-
-def _cpu_pack_for(weights: ModelWeights) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For the C kernel when every projection fits it, else for oneDNN where torch has it,
-    else None (projections stay plain)."""
-    projections = [weights.lm_head] + [w for layer in weights.layers for w in (
-        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-    if all(cpu_linear.can_pack_native(w) for w in projections):
-        return cpu_linear.pack_native
-    return cpu_linear.prepack if cpu_linear.can_prepack(weights.lm_head) else None
-
-
-def prepack_for_cpu(weights: ModelWeights) -> ModelWeights:
-    """The same weights with every projection (and the LM head) packed once for a faster bf16
-    product (the C kernel, else oneDNN); embeddings and norms stay plain. Weights neither takes
-    (fp32, or a torch without oneDNN) come back unchanged."""
-    pack = _cpu_pack_for(weights)
-    if pack is None:
-        return weights
-    layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
-                      gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
-              for layer in weights.layers]
-    return replace(weights, layers=layers, lm_head=pack(weights.lm_head))

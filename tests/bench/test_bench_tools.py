@@ -206,7 +206,7 @@ def test_free_port_binds_and_stays_out_of_the_ephemeral_range() -> None:
 
 
 def test_cpu_gemm_bench_prints_and_saves_ratios(tmp_path: Path) -> None:
-    from kernels import cpu_linear
+    from kernels.cpu import linear as cpu_linear
 
     if not cpu_linear.native_available():
         pytest.skip("no AVX512-BF16 build of the C kernels here")

@@ -1,13 +1,14 @@
-"""All decoder layers in one C call (engine_svc/models/native_layers.py) against the Python loop
-of the same kernels: identical logits and K/V, the same errors, and used only where it applies."""
+"""All decoder layers in one C call (kernels/cpu/layer_loop.py over
+kernels/cpu/csrc/forward_layers.c, which re-encodes the model's layer order) against the Python
+loop of the same kernels (LlamaModel._layers): identical logits and K/V, the same errors, and
+used only where it applies."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine_svc.models.native_layers import NativeLayers
 from engine_svc.params import StoppingParams
-from kernels import cpu_linear
+from kernels.cpu import linear as cpu_linear
 from tests.engine.helpers import GREEDY, make_engine
 
 needs_native = pytest.mark.skipif(not cpu_linear.native_available(),
@@ -86,5 +87,6 @@ def test_native_layers_only_where_they_apply(tmp_path, make_tiny_model, monkeypa
     monkeypatch.setenv("LLMSERVE_CPU_GEMM", "onednn")                   # oneDNN-packed weights
     engine = make_engine(model_dir, dtype="bfloat16")
     assert engine.runner.model.native is None
-    assert NativeLayers.create(engine.runner.model_config, engine.runner.model.weights,
-                               engine.runner.model.ops, engine.runner.model.cos_sin, 1.0) is None
+    assert engine.runner.model.ops.layer_loop(engine.runner.model_config,
+                                              engine.runner.model.weights,
+                                              engine.runner.model.cos_sin, 1.0) is None

@@ -70,14 +70,14 @@ def prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.skipif(not __import__("kernels.cpu_linear", fromlist=["x"]).can_prepack(
+@pytest.mark.skipif(not __import__("kernels.cpu.linear", fromlist=["x"]).can_prepack(
     torch.zeros(1, 1, dtype=torch.bfloat16)), reason="no oneDNN bf16 linear in this torch build")
 @pytest.mark.parametrize("pack_format", ["native", "onednn"])
 def test_bf16_prepacked_projections_change_no_token(tmp_path, make_tiny_model, monkeypatch,
                                                     pack_format):
     """bf16 on CPU packs the projections once (for the C kernel, or reordered for oneDNN);
     outputs must be what plain F.linear gives, for prefill, decode and a mixed batch."""
-    from kernels import cpu_linear
+    from kernels.cpu import linear as cpu_linear
 
     monkeypatch.setenv("LLMSERVE_CPU_GEMM", pack_format)
     if pack_format == "native" and not cpu_linear.native_available():

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import cpu_ops, reference
+from kernels import reference
+from kernels.cpu import ops as cpu_ops
 from kernels.backend import get_ops, resolve_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """Prepacked bf16 projections: oneDNN reordered weights give F.linear's numbers bit for bit;
-the C kernel (kernels/csrc/gemm_bf16.c) gives the exact product within bf16 rounding."""
+the C kernel (kernels/cpu/csrc/gemm_bf16.c) gives the exact product within bf16 rounding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from kernels.cpu import linear as cpu_linear
 
 needs_native = pytest.mark.skipif(not cpu_linear.native_available(),
                                   reason="no AVX512-BF16 build of the C kernels here")

@@ -1,4 +1,4 @@
-"""The C kernels of the CPU path (kernels/csrc) against the torch code they replace."""
+"""The C kernels of the CPU path (kernels/cpu/csrc) against the torch code they replace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_native, cpu_ops, reference
+from kernels import reference
+from kernels.cpu import native as cpu_native
+from kernels.cpu import ops as cpu_ops
 from tests.kernels.helpers import assert_close, make_pool_batch, naive_decode, naive_prefill
 
 LIB = cpu_native.load()
@@ -248,7 +250,7 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch,
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path / "other"))
     monkeypatch.delitem(cpu_native._state, "lib", raising=False)
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu.native"):
         assert cpu_native.load() is None
     assert "unavailable" in caplog.text
     monkeypatch.setenv("LLMSERVE_NATIVE", "0")

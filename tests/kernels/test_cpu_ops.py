@@ -1,11 +1,13 @@
-"""The CPU serving ops (kernels.cpu_ops) against the reference twins and naive loops."""
+"""The CPU serving ops (kernels.cpu.ops) against the reference twins and naive loops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import cpu_native, cpu_ops, reference
+from kernels import reference
+from kernels.cpu import native as cpu_native
+from kernels.cpu import ops as cpu_ops
 from tests.kernels.helpers import assert_close, make_pool_batch, naive_decode, naive_prefill
 
 CPU = torch.device("cpu")

@@ -1,6 +1,6 @@
 /* bf16 projections y = x @ W^T (+ bias) on CPUs with AVX512-BF16, fp32 accumulation.
  *
- * The weight is packed once at load (kernels/cpu_linear.py) into blocks of 16 output columns:
+ * The weight is packed once at load (kernels/cpu/linear.py) into blocks of 16 output columns:
  * packed[block][pair][column][2] = W[16 * block + column][2 * pair + {0, 1}], so one 64-byte load
  * holds two input features of 16 columns, what one vdpbf16ps multiplies by a broadcast pair of x.
  * A tile of TILE_ROWS rows x TILE_BLOCKS blocks (24 accumulators) walks the whole input width;

@@ -1,9 +1,14 @@
 /* Every decoder layer of a bf16 Llama-family model in one call, for the CPU serving path.
  *
- * The same kernels, in the same order and on the same values, as the Python loop in
- * engine_svc/models/llama.py runs one by one (RMSNorm, QKV product, RoPE + K/V store, pool
- * attention, output product, RMSNorm, gate/up product, SiLU*up, down product), so the numbers
- * are identical; what goes is ~9 Python calls, ctypes crossings and tensor allocations per layer
+ * MODEL KNOWLEDGE IN C: this file re-encodes the Llama layer order that the model's Python loop
+ * (LlamaModel._layers in engine_svc/models/llama.py) defines: RMSNorm, QKV product (+ bias),
+ * RoPE + K/V store, pool attention, output product, RMSNorm (+ residual), gate/up product,
+ * SiLU*up, down product. A change to that loop must be made here too;
+ * tests/engine/test_native_layers.py runs both on one mixed batch and requires bit-for-bit equal
+ * logits and K/V (the C loop is reached through kernels/cpu/layer_loop.py).
+ *
+ * The same kernels, in the same order and on the same values, so the numbers are identical;
+ * what goes is ~9 Python calls, ctypes crossings and tensor allocations per layer
  * (a decode step here: 32.2 -> 28.4 ms for 32 requests, 12.6 -> 8.7 ms for one).
  * Decode and prefill tokens are alike to the attention kernel: each token is a query over the
  * first seq_lens[t] tokens of its table row.

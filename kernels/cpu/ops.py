@@ -1,7 +1,7 @@
 """The CPU serving path: ops shaped for CPU speed, each tested against its twin in
 kernels.reference (the oracle, which stays the simplest correct version).
 
-Where the C kernels of kernels.cpu_native are built (a C compiler is there), attention, RoPE,
+Where the C kernels of kernels.cpu.native are built (a C compiler is there), attention, RoPE,
 RMSNorm and SiLU*up run in them; otherwise in torch.
 Differences from the reference, all measured on the 2-core AMD EPYC this was built on:
 - RoPE and SiLU*up run in the model's dtype, as transformers does (a bf16 model rotates in bf16);
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_native, reference
+from kernels import reference
+from kernels.cpu import native
 from kernels.reference import build_rope_cache, store_kv
 
 __all__ = ["build_rope_cache", "rms_norm", "store_kv", "apply_rope", "rope_and_store_kv",
@@ -36,19 +37,19 @@ GROUP_MAX_SCORES = 1 << 23
 def rms_norm(x: Tensor, weight: Tensor, eps: float,
              residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """RMSNorm with optional fused residual add; returns (normed * weight, new residual)."""
-    lib = cpu_native.load() if cpu_native.elementwise_ok(x, weight, residual) else None
+    lib = native.load() if native.elementwise_ok(x, weight, residual) else None
     if lib is not None:
-        return cpu_native.rms_norm(lib, x, weight, eps, residual)
+        return native.rms_norm(lib, x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
 
 def apply_rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> None:
     """Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in place (views
     with a unit last stride are fine), computing in q's dtype."""
-    lib = cpu_native.load() if cpu_native.elementwise_ok(q, k) else None
+    lib = native.load() if native.elementwise_ok(q, k) else None
     if lib is not None and q.stride(2) == 1 and k.stride(2) == 1:
-        cpu_native.rope(lib, q, positions, cos_sin)
-        cpu_native.rope(lib, k, positions, cos_sin)
+        native.rope(lib, q, positions, cos_sin)
+        native.rope(lib, k, positions, cos_sin)
         return
     half = q.shape[-1] // 2
     table = cos_sin.index_select(0, positions).to(q.dtype)  # [tokens, head_dim]
@@ -70,9 +71,9 @@ def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_si
                       k_cache: Tensor, v_cache: Tensor, rows: Tensor) -> None:
     """apply_rope(q, k) then store_kv(k, v -> pool rows): one C pass where the C kernels are
     built and the tensors fit it (saves a call and a re-read of k per layer)."""
-    lib = cpu_native.load()
-    if lib is not None and cpu_native.rope_store_ok(q, k, v, k_cache, v_cache):
-        cpu_native.rope_store_kv(lib, q, k, v, positions, cos_sin, k_cache, v_cache, rows,
+    lib = native.load()
+    if lib is not None and native.rope_store_ok(q, k, v, k_cache, v_cache):
+        native.rope_store_kv(lib, q, k, v, positions, cos_sin, k_cache, v_cache, rows,
                                  checked=True)
         return
     _rope_then_store(q, k, v, positions, cos_sin, k_cache, v_cache, rows)
@@ -83,15 +84,15 @@ def argmax_rows(x: Tensor) -> Tensor:
     is scalar: 0.66 ms for 32 x 49152 here, the C one ~0.05 ms)."""
     ok = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
           and x.stride(-1) == 1 and x.shape[1] > 0)
-    lib = cpu_native.load() if ok else None
-    return cpu_native.argmax_rows(lib, x) if lib is not None else x.argmax(dim=-1)
+    lib = native.load() if ok else None
+    return native.argmax_rows(lib, x) if lib is not None else x.argmax(dim=-1)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:
     """[tokens, 2 * inter] (gate | up) -> [tokens, inter] = silu(gate) * up, in x's dtype."""
-    lib = cpu_native.load() if cpu_native.elementwise_ok(x) and x.stride(-1) == 1 else None
+    lib = native.load() if native.elementwise_ok(x) and x.stride(-1) == 1 else None
     if lib is not None:
-        return cpu_native.silu_and_mul(lib, x)
+        return native.silu_and_mul(lib, x)
     inter = x.shape[-1] // 2
     return F.silu(x[:, :inter]) * x[:, inter:]
 
@@ -101,9 +102,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: 
     """One query per request over its first seq_lens[b] tokens; requests with seq_len 0 get
     zeros. max_seq_len (>= max(seq_lens)) sizes the SDPA path's padding; the C kernel needs none."""
     # q: [batch, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
-    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
+    lib = native.load() if native.supports(q, k_cache) else None
     if lib is not None:   # reads exactly seq_lens[b] keys: max_seq_len is not needed
-        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
+        return native.pool_attention(lib, q, k_cache, v_cache, req_to_token, slots,
                                          seq_lens, scale)
     longest = int(seq_lens.max()) if q.shape[0] else 0
     if longest > max_seq_len:
@@ -146,10 +147,10 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token:
                       scale: float) -> Tensor:
     """Causal GQA attention of a flat batch of new tokens over cached prefix + themselves."""
     # q: [total_new, q_heads, d]; k_cache, v_cache: [capacity, kv_heads, d]
-    lib = cpu_native.load() if cpu_native.supports(q, k_cache) else None
+    lib = native.load() if native.supports(q, k_cache) else None
     if lib is not None and q.shape[0]:
         token_slots, visible = per_token_queries(slots, prefix_lens, cu_new_lens, q.shape[0])
-        return cpu_native.pool_attention(lib, q, k_cache, v_cache, req_to_token, token_slots,
+        return native.pool_attention(lib, q, k_cache, v_cache, req_to_token, token_slots,
                                          visible, scale)
     out = torch.empty_like(q)
     slot_list, prefix_list, cu_list = slots.tolist(), prefix_lens.tolist(), cu_new_lens.tolist()

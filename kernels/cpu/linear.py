@@ -1,5 +1,5 @@
 """bf16 matrix products on CPU, each weight packed once at load: for the C kernel in
-kernels/csrc/gemm_bf16.c where the CPU has AVX512-BF16, else reordered for oneDNN.
+kernels/cpu/csrc/gemm_bf16.c where the CPU has AVX512-BF16, else reordered for oneDNN.
 
 `F.linear` on a plain bf16 weight makes oneDNN reorder that weight into its blocked layout on
 every call. Reordering once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's weight
@@ -13,19 +13,24 @@ out_features % 16 == 0 and in_features even. LLMSERVE_CPU_GEMM=onednn keeps oneD
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_native
+from kernels.cpu import native
+from kernels.model_view import LinearFn, ModelWeightsView
+
+log = logging.getLogger(__name__)
 
 # the row count oneDNN tunes the blocked layout for; any row count works with it afterwards
 BATCH_HINT = 32
 
-LinearFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+WeightsT = TypeVar("WeightsT", bound=ModelWeightsView)
 
 
 def can_prepack(weight: Tensor) -> bool:
@@ -56,7 +61,7 @@ def native_available() -> bool:
     (LLMSERVE_CPU_GEMM=onednn, or LLMSERVE_NATIVE=0 for every C kernel)."""
     if os.environ.get("LLMSERVE_CPU_GEMM", "native") == "onednn":
         return False
-    lib = cpu_native.load()
+    lib = native.load()
     return lib is not None and bool(lib.gemm_bf16_available())
 
 
@@ -87,10 +92,10 @@ def native_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != 16 * packed.shape[0]):
         raise ValueError(f"native_linear: bias must be bf16 [{16 * packed.shape[0]}], got "
                          f"{bias.dtype} {tuple(bias.shape)}")
-    lib = cpu_native.load()
+    lib = native.load()
     assert lib is not None, "native_linear on a weight packed without the C kernel"
     x = x if x.stride(1) == 1 else x.contiguous()
-    return cpu_native.gemm_bf16(lib, x, packed, bias.contiguous() if bias is not None else None)
+    return native.gemm_bf16(lib, x, packed, bias.contiguous() if bias is not None else None)
 
 
 def linear_for(weight: Tensor) -> LinearFn:
@@ -99,3 +104,29 @@ def linear_for(weight: Tensor) -> LinearFn:
     if weight.dim() == 3:
         return native_linear
     return packed_linear if weight.is_mkldnn else F.linear
+
+
+def _pack_for(weights: ModelWeightsView) -> Callable[[Tensor], Tensor] | None:
+    """For the C kernel when every projection fits it, else for oneDNN where torch has it,
+    else None (projections stay plain)."""
+    projections = [weights.lm_head] + [w for layer in weights.layers for w in (
+        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    if all(can_pack_native(w) for w in projections):
+        return pack_native
+    return prepack if can_prepack(weights.lm_head) else None
+
+
+def prepare_weights(weights: WeightsT) -> WeightsT:
+    """The same weights with every projection (and the LM head) packed once for a faster bf16
+    product (the C kernel, else oneDNN); embeddings and norms stay plain. Weights neither takes
+    (fp32, not on CPU, or a torch without oneDNN) come back unchanged; `linear_for` then gives
+    the product that fits."""
+    pack = _pack_for(weights)
+    if pack is None:
+        return weights
+    layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
+                      gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
+              for layer in weights.layers]
+    log.info("bf16 projections packed once for %s (kernels/cpu/linear.py)",
+             "the AVX512-BF16 C kernel" if pack is pack_native else "oneDNN")
+    return replace(weights, layers=layers, lm_head=pack(weights.lm_head))

@@ -6,7 +6,7 @@
  * prefix + i + 1 tokens). K/V rows are read where they lie in the pool: no gather, no copy.
  *
  * Work item = (query token, kv head): every query head of the group is done in the same pass
- * over the K/V rows. Scores and sums are fp32. Built by kernels/cpu_native.py with -fopenmp
+ * over the K/V rows. Scores and sums are fp32. Built by kernels/cpu/native.py with -fopenmp
  * against the libgomp torch has loaded, so it runs on torch's OpenMP threads.
  */
 #include <math.h>

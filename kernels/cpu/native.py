@@ -1,12 +1,12 @@
 """Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE, bf16 projections
-(kernels/csrc).
+(kernels/cpu/csrc).
 
 Built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
 directory keyed by the source, the flags and this CPU, then loaded with ctypes. Its OpenMP calls
 bind to the libgomp torch already loaded, so it runs on torch's threads. Where there is no
 compiler (or LLMSERVE_NATIVE=0), `load()` returns None and callers use the SDPA path.
 
-    python -m kernels.cpu_native      # build now (make setup does) and print where it went
+    python -m kernels.cpu.native      # build now (make setup does) and print where it went
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def build(compiler: str | None = None) -> Path:
         result = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on kernels/csrc:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on kernels/cpu/csrc:\n{result.stderr[-2000:]}")
         os.replace(built, target)   # atomic: concurrent builders agree on the result
     return target
 
@@ -266,7 +266,7 @@ def argmax_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
 
 
 def gemm_bf16(lib: ctypes.CDLL, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """x [rows, in] @ W^T (+ bias [out]) in bf16 for W packed by kernels.cpu_linear (shape
+    """x [rows, in] @ W^T (+ bias [out]) in bf16 for W packed by kernels.cpu.linear (shape
     [out / 16, in / 2, 32]); the caller checks dtypes and x's unit column stride."""
     rows, width = x.shape
     out_features = packed.shape[0] * 16

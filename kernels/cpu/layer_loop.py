@@ -1,25 +1,21 @@
-"""Every decoder layer in one C call (kernels/csrc/forward_layers.c) for bf16 models on CPU.
+"""Every decoder layer in one C call (kernels/cpu/csrc/forward_layers.c) for bf16 models on CPU.
 
-The C loop runs the kernels the Python loop in `LlamaModel.forward` would call, in its order and
-on the same values, so logits are identical; it saves the per-layer Python, ctypes crossings and
-tensor allocations. Taken when the projections are packed for the C bf16 kernel and the model
-runs on the CPU ops; LLMSERVE_CPU_LAYERS=python keeps the Python loop.
+The C loop runs the kernels the Python loop in `LlamaModel._layers` (engine_svc/models/llama.py)
+would call, in its order and on the same values, so logits are identical; it saves the per-layer
+Python, ctypes crossings and tensor allocations. Taken when the projections are packed for the C
+bf16 kernel and the model runs on the CPU ops; LLMSERVE_CPU_LAYERS=python keeps the Python loop.
+tests/engine/test_native_layers.py holds the two loops to bit-for-bit equality.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from kernels import cpu_linear, cpu_native, cpu_ops
-from kernels.backend import KernelOps
-
-if TYPE_CHECKING:
-    from engine_svc.models.llama import ForwardBatch, KVCache
-    from engine_svc.weights import ModelConfig, ModelWeights
+from kernels.cpu import linear, native, ops
+from kernels.model_view import KVCacheView, ModelConfigView, ModelWeightsView, StepBatchView
 
 _ERRORS = {-1: (IndexError, "a pool row of a new token is outside the pool"),
            -2: (IndexError, "a position is outside the RoPE table"),
@@ -27,38 +23,39 @@ _ERRORS = {-1: (IndexError, "a pool row of a new token is outside the pool"),
            -4: (RuntimeError, "pool attention: unsupported sizes or out of memory")}
 
 
-class NativeLayers:
+class NativeLayerLoop:
     """Runs all decoder layers of a packed bf16 model through forward_layers."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, cos_sin: Tensor,
+    def __init__(self, config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
                  scale: float, lib: ctypes.CDLL) -> None:
         self.config, self.weights, self.scale, self.lib = config, weights, scale, lib
         self.cos_sin = cos_sin   # [max_positions, head_dim] fp32
-        self._bound: tuple[KVCache, ctypes.Array, cpu_native.LayerStack] | None = None
+        self._bound: tuple[KVCacheView, ctypes.Array, native.LayerStack] | None = None
 
     @classmethod
-    def create(cls, config: ModelConfig, weights: ModelWeights, ops: KernelOps,
-               cos_sin: Tensor, scale: float) -> NativeLayers | None:
+    def create(cls, config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
+               scale: float) -> NativeLayerLoop | None:
         """The C layer loop for this model, or None where it does not apply (then the Python
-        loop runs): not the CPU ops, projections not packed for the C kernel, no C library,
-        attention sizes the C kernel does not take, or LLMSERVE_CPU_LAYERS=python."""
-        if os.environ.get("LLMSERVE_CPU_LAYERS", "native") == "python" or ops.backend != "torch":
+        loop runs): projections not packed for the C kernel, no C library, attention sizes
+        the C kernel does not take, or LLMSERVE_CPU_LAYERS=python. Only the CPU backend's
+        KernelOps offers it (the Triton backend's layer_loop is always None)."""
+        if os.environ.get("LLMSERVE_CPU_LAYERS", "native") == "python":
             return None
-        if cpu_linear.linear_for(weights.lm_head) is not cpu_linear.native_linear:
-            return None   # not packed by cpu_linear.pack_native (all or none are)
+        if linear.linear_for(weights.lm_head) is not linear.native_linear:
+            return None   # not packed by linear.pack_native (all or none are)
         for layer in weights.layers:
             for vector in (layer.input_norm, layer.post_norm, layer.qkv_bias):
                 if vector is not None and (vector.dtype != torch.bfloat16
                                            or not vector.is_contiguous()):
                     return None   # the C loop reads norms and biases as plain bf16 arrays
-        lib = cpu_native.load()
+        lib = native.load()
         group = config.num_heads // config.num_kv_heads
-        if (lib is None or group > cpu_native.MAX_GROUP or config.head_dim > cpu_native.MAX_HEAD_DIM
+        if (lib is None or group > native.MAX_GROUP or config.head_dim > native.MAX_HEAD_DIM
                 or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous()):
             return None
         return cls(config, weights, cos_sin, scale, lib)
 
-    def _bind(self, cache: KVCache) -> tuple[ctypes.Array, cpu_native.LayerStack]:
+    def _bind(self, cache: KVCacheView) -> tuple[ctypes.Array, native.LayerStack]:
         """The C structs for these pools (built once per cache object)."""
         if self._bound is not None and self._bound[0] is cache:
             return self._bound[1], self._bound[2]
@@ -71,13 +68,13 @@ class NativeLayers:
         if not table.is_contiguous() or table.dtype != torch.int32:
             raise ValueError("forward_layers: req_to_token must be contiguous int32")
         ptr = _ptr
-        layers = (cpu_native.LayerTensors * len(self.weights.layers))(*[
-            cpu_native.LayerTensors(ptr(w.input_norm), ptr(w.qkv_proj), ptr(w.qkv_bias),
+        layers = (native.LayerTensors * len(self.weights.layers))(*[
+            native.LayerTensors(ptr(w.input_norm), ptr(w.qkv_proj), ptr(w.qkv_bias),
                                     ptr(w.o_proj), ptr(w.post_norm), ptr(w.gate_up_proj),
                                     ptr(w.down_proj), ptr(k), ptr(v))
             for w, k, v in zip(self.weights.layers, cache.k, cache.v)])
         cfg = self.config
-        stack = cpu_native.LayerStack(
+        stack = native.LayerStack(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.intermediate_size, cfg.rms_norm_eps, self.scale, k0.shape[0], k0.stride(0),
             k0.stride(1), table.data_ptr(), table.shape[0], table.shape[1],
@@ -85,7 +82,8 @@ class NativeLayers:
         self._bound = (cache, layers, stack)
         return layers, stack
 
-    def run(self, hidden: Tensor, batch: ForwardBatch, cache: KVCache) -> tuple[Tensor, Tensor]:
+    def run(self, hidden: Tensor, batch: StepBatchView,
+            cache: KVCacheView) -> tuple[Tensor, Tensor]:
         """hidden: the embeddings [tokens, hidden] (overwritten) -> (last layer's output,
         residual stream), as the Python loop leaves them."""
         layers, stack = self._bind(cache)
@@ -102,7 +100,7 @@ class NativeLayers:
         qkv = scratch(q_size + 2 * cfg.num_kv_heads * cfg.head_dim)
         attn, gate_up, act = (scratch(q_size), scratch(2 * cfg.intermediate_size),
                               scratch(cfg.intermediate_size))
-        step = cpu_native.StepTensors(tokens, *(t.data_ptr() for t in (
+        step = native.StepTensors(tokens, *(t.data_ptr() for t in (
             positions, out_rows, slots, seq_lens, hidden, residual, normed, qkv, attn, gate_up,
             act)))
         status = self.lib.forward_layers(ctypes.byref(stack), layers, ctypes.byref(step))
@@ -112,14 +110,14 @@ class NativeLayers:
         return hidden, residual
 
     @staticmethod
-    def _queries(batch: ForwardBatch, tokens: int) -> tuple[Tensor, Tensor]:
+    def _queries(batch: StepBatchView, tokens: int) -> tuple[Tensor, Tensor]:
         """(table slot, visible keys) of every token: decode requests first, then each prefill
         token as a query of its own."""
         nd = batch.num_decode
         slots, seq_lens = batch.slots[:nd], batch.seq_lens
         if nd < tokens:
-            token_slots, visible = cpu_ops.per_token_queries(batch.slots[nd:], batch.prefix_lens,
-                                                             batch.cu_new_lens, tokens - nd)
+            token_slots, visible = ops.per_token_queries(batch.slots[nd:], batch.prefix_lens,
+                                                         batch.cu_new_lens, tokens - nd)
             slots, seq_lens = torch.cat([slots, token_slots]), torch.cat([seq_lens, visible])
         return slots.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
 

@@ -1,6 +1,6 @@
 /* RMSNorm(+residual), RoPE and SiLU*up for the CPU serving path, one pass over memory each.
  *
- * They round exactly where the torch versions in kernels/cpu_ops.py round (every bf16 torch op
+ * They round exactly where the torch versions in kernels/cpu/ops.py round (every bf16 torch op
  * computes in fp32 and rounds its result to bf16), so a bf16 model gets the same numbers.
  * Built with -ffp-contract=off: no fused multiply-adds that torch would not do either; and
  * with reassociation allowed, so the sums vectorize (they may add in another order).
