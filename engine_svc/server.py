@@ -1,25 +1,24 @@
 """gRPC edge of the engine: the only engine module that sees protobuf objects.
 
-The engine runs on its own thread (`EngineLoop`); each Generate call owns an asyncio queue
-that the loop feeds with `RequestOutput`s as soon as a step samples them.
+The servicer, proto conversion, health, reflection, TLS, bind and `serve()`. The engine runs on
+its own thread (`engine_loop.EngineLoop`); each Generate call opens a stream there (an asyncio
+queue the loop feeds with `RequestOutput`s as soon as a step samples them).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine_svc.engine import DuplicateRequestError, LLMEngine, QueueFullError, RequestOutput
+from engine_svc.engine_loop import EngineLoop
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
-from engine_svc.stream_interval import StreamCoalescer
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
 
 log = logging.getLogger("engine_svc")
@@ -34,75 +33,6 @@ _FINISH_TO_PROTO = {
     FinishReason.STOP_TOKEN: generate_pb2.FINISH_REASON_STOP_TOKEN,
     FinishReason.ABORTED: generate_pb2.FINISH_REASON_ABORTED,
 }
-
-
-class EngineLoop:
-    """Runs `engine.step()` on a background thread and routes outputs to asyncio queues."""
-
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics,
-                 loop: asyncio.AbstractEventLoop,
-                 on_crash: Callable[[], None] | None = None,
-                 engine_thread: ThreadPoolExecutor | None = None,
-                 stream_interval: int = 1) -> None:
-        """on_crash runs on the asyncio loop after a crash has failed every open stream.
-
-        engine_thread: the one-worker executor the engine was built on. Steps then run on the
-        thread that loaded the weights: torch's OpenMP team belongs to the thread that first
-        used it, and a second team on a 2-core CPU left a core idle (~25% slower decode).
-        """
-        self.engine = engine
-        self.metrics = metrics
-        self.loop = loop
-        self.on_crash = on_crash
-        self.queues: dict[str, asyncio.Queue] = {}
-        # tokens are held here, on the engine thread, so a step with nothing to send does not
-        # wake the event loop at all
-        self.coalescer = StreamCoalescer(stream_interval)
-        self._stop = threading.Event()
-        self._engine_thread = engine_thread or ThreadPoolExecutor(1, "engine-loop")
-        self._running: Future | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._running = self._engine_thread.submit(self._run)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._running is not None:
-            try:
-                self._running.result(timeout=10)
-            except TimeoutError:
-                log.warning("engine loop did not stop within 10 s")
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self.engine.wait_for_work(timeout=0.05)
-                outputs = self.engine.step()
-                self.metrics.record_step(outputs)
-                self._hand_over(self.coalescer.push(outputs))
-            self._hand_over(self.coalescer.flush())
-        except BaseException as err:  # a crash here must not leave streams hanging
-            log.exception("engine loop crashed")
-            self.error = err
-            self.loop.call_soon_threadsafe(self._fail_all)
-
-    def _hand_over(self, outputs: list[RequestOutput]) -> None:
-        """From the engine thread: route outputs on the event loop (none: leave it asleep)."""
-        if outputs:
-            self.loop.call_soon_threadsafe(self._dispatch, outputs)
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            queue = self.queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-
-    def _fail_all(self) -> None:
-        for queue in self.queues.values():
-            queue.put_nowait(None)
-        if self.on_crash is not None:
-            self.on_crash()
 
 
 def _sampling_from_proto(msg: generate_pb2.SamplingParams, top_logprobs: int) -> SamplingParams:
@@ -148,11 +78,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable "
                                 f"characters, got {len(request_id)}")
-        if request_id in self.engine_loop.queues:
+        if self.engine_loop.has_stream(request_id):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request_id!r} is already in flight")
-        queue: asyncio.Queue = asyncio.Queue()
-        self.engine_loop.queues[request_id] = queue
+        queue = self.engine_loop.open_stream(request_id)
         finished = False
         self.inflight += 1
         try:
@@ -190,7 +119,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     return
         finally:
             self.inflight -= 1
-            self.engine_loop.queues.pop(request_id, None)
+            self.engine_loop.close_stream(request_id)
             if not finished:  # client went away (cancel, deadline): free its KV now
                 self.engine.abort(request_id)
 
@@ -265,7 +194,7 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine_loop.start()
-    await _warm_up(engine, engine_loop)
+    await engine_loop.warm_up()
     if engine_loop.error is None and not stop.is_set():
         await _publish_health(health_servicer, True)
         log.info("engine SERVING on %s", address)
@@ -318,18 +247,3 @@ async def _publish_health(health_servicer: health.aio.HealthServicer, serving: b
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
-
-
-async def _warm_up(engine: LLMEngine, engine_loop: EngineLoop) -> None:
-    """One tiny request through the loop so the first real request pays no compile/alloc cost."""
-    request_id = f"warmup-{uuid.uuid4().hex}"
-    queue: asyncio.Queue = asyncio.Queue()
-    engine_loop.queues[request_id] = queue
-    engine.add_request(request_id, [0, 1, 2, 3], SamplingParams(temperature=0.0),
-                       StoppingParams(max_new_tokens=2, ignore_eos=True))
-    while True:
-        out = await queue.get()
-        if out is None or out.finished:
-            break
-    engine_loop.queues.pop(request_id, None)
-    engine.clear_prefix_cache()
