@@ -17,7 +17,8 @@ import logging
 
 import torch
 
-from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
+from engine_svc.forward_batch import ForwardBatch, KVCache
+from engine_svc.models.llama import LlamaModel
 from engine_svc.req_to_token import ReqToTokenTable
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
-from engine_svc.models.llama import ForwardBatch, KVCache, LlamaModel
+from engine_svc.forward_batch import ForwardBatch, KVCache
+from engine_svc.models.llama import LlamaModel
 from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
