@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _checks
 from .launch import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
+from .online_softmax import attend_block
 
 MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
 MAX_SPLITS = 32
@@ -72,24 +73,11 @@ def _decode_split_kernel(
     for n_start in range(split_start, split_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < split_end
-        rows = tl.load(r2t_row + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] pool rows
-        k_ptrs = k_cache_ptr + rows[:, None] * k_row_stride + kv_head * k_head_stride + dims[None, :]
-        keys = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        if DOT_IN_FP32:
-            keys = keys.to(tl.float32)
-        scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        probs = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        v_ptrs = v_cache_ptr + rows[:, None] * v_row_stride + kv_head * v_head_stride + dims[None, :]
-        values = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        if DOT_IN_FP32:
-            values = values.to(tl.float32)
-        acc = acc * alpha[:, None]
-        acc += tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # every query head of the group sees every key of the split
+        m_i, l_i, acc = attend_block(query, m_i, l_i, acc, r2t_row, offs_n, n_mask,
+                                     n_mask[None, :], k_cache_ptr, v_cache_ptr, kv_head,
+                                     k_row_stride, k_head_stride, v_row_stride, v_head_stride,
+                                     qk_scale, HEAD_DIM, DOT_PRECISION, DOT_IN_FP32)
 
     has_tokens = l_i > 0  # false for an empty split (and for padded heads never stored)
     safe_l = tl.where(has_tokens, l_i, 1.0)

@@ -2,7 +2,7 @@
 
 Twin of kernels.reference.prefill_attention. One program handles BLOCK_M new tokens of one request
 for one query head and streams the request's cached prefix plus its new tokens in BLOCK_N chunks
-with an online (running max / running sum) softmax.
+with an online (running max / running sum) softmax (kernels/triton/online_softmax.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _checks
 from .launch import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
+from .online_softmax import attend_block
 
 
 
@@ -74,25 +75,11 @@ def _prefill_attention_kernel(
     for n_start in range(0, ctx_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < ctx_end
-        rows = tl.load(r2t_row + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] pool rows
-        k_ptrs = k_cache_ptr + rows[:, None] * k_row_stride + kv_head * k_head_stride + dims[None, :]
-        keys = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        if DOT_IN_FP32:
-            keys = keys.to(tl.float32)
-        scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal + bounds
-        scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        probs = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        v_ptrs = v_cache_ptr + rows[:, None] * v_row_stride + kv_head * v_head_stride + dims[None, :]
-        values = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        if DOT_IN_FP32:
-            values = values.to(tl.float32)
-        acc = acc * alpha[:, None]
-        acc += tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(query, m_i, l_i, acc, r2t_row, offs_n, n_mask, visible,
+                                     k_cache_ptr, v_cache_ptr, kv_head, k_row_stride,
+                                     k_head_stride, v_row_stride, v_head_stride, qk_scale,
+                                     HEAD_DIM, DOT_PRECISION, DOT_IN_FP32)
 
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + q_tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :]

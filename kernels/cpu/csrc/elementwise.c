@@ -14,12 +14,6 @@
 /* below this many elements a call stays on one thread (OpenMP start-up costs more) */
 #define PARALLEL_MIN_ELEMENTS 32768
 
-static inline float bf16_load(const uint16_t *p) {
-    union { uint32_t u; float f; } value;
-    value.u = (uint32_t)*p << 16;
-    return value.f;
-}
-
 /* float -> bf16 bits, round to nearest even (NaN stays NaN) */
 static inline uint16_t bf16_bits(float f) {
     union { uint32_t u; float f; } value;
@@ -30,11 +24,7 @@ static inline uint16_t bf16_bits(float f) {
 }
 
 /* the value a bf16 tensor would hold after storing f */
-static inline float bf16_round(float f) {
-    union { uint32_t u; float f; } value;
-    value.u = (uint32_t)bf16_bits(f) << 16;
-    return value.f;
-}
+static inline float bf16_round(float f) { return bf16_to_float(bf16_bits(f)); }
 
 /* Each kernel is written once as a macro over the element type, then stamped out for fp32 and
  * bf16, so the inner loops have no dtype branch and vectorize. LOAD(p, i) widens to fp32,
@@ -43,7 +33,7 @@ static inline float bf16_round(float f) {
 #define F32_LOAD(p, i) (((const float *)(p))[i])
 #define F32_STORE(p, i, f) (((float *)(p))[i] = (f))
 #define F32_ROUND(f) (f)
-#define BF16_LOAD(p, i) bf16_load((const uint16_t *)(p) + (i))
+#define BF16_LOAD(p, i) bf16_to_float(((const uint16_t *)(p))[i])
 #define BF16_STORE(p, i, f) (((uint16_t *)(p))[i] = bf16_bits(f))
 #define BF16_ROUND(f) bf16_round(f)
 

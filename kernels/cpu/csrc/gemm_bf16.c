@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "kernels.h"
+#include "vec16.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -34,8 +35,7 @@ static inline __attribute__((always_inline)) void gemm_tile(
 {
     __m512 acc[TILE_ROWS][TILE_BLOCKS];
     for (int j = 0; j < blocks; j++) {
-        const __m512 init = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256((const __m256i *)(bias + 16 * j))), 16)) : _mm512_setzero_ps();
+        const __m512 init = bias ? (__m512)load16(bias, 16 * j, 1) : _mm512_setzero_ps();
         for (int i = 0; i < rows; i++) acc[i][j] = init;
     }
     for (int64_t p = 0; p < pairs; p++) {

@@ -20,12 +20,6 @@
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 
-static inline float bf16_to_float(uint16_t bits) {
-    union { uint32_t u; float f; } value;
-    value.u = (uint32_t)bits << 16;
-    return value.f;
-}
-
 /* load one head row (head_dim values) as fp32 */
 static inline void load_row(const void *base, int64_t offset, int is_bf16, int head_dim,
                             float *dst) {

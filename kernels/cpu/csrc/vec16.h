@@ -1,5 +1,7 @@
 /* 16-float vectors (one AVX-512 register; two AVX2 ones elsewhere) for the CPU kernels:
- * bf16 widening/narrowing, max, and exp as a polynomial (glibc's expf does not vectorize here). */
+ * bf16 widening/narrowing, max, and exp as a polynomial (glibc's expf does not vectorize here).
+ * The bf16 -> fp32 widening lives here once, scalar (bf16_to_float) and 16-wide (widen_bf16),
+ * for every C source. */
 #ifndef LLMSERVE_VEC16_H
 #define LLMSERVE_VEC16_H
 
@@ -23,7 +25,14 @@ static inline v16f select16(v16i mask, v16f a, v16f b) {
 
 static inline v16f vmax(v16f a, v16f b) { return select16(a > b, a, b); }
 
-/* 16 values at base + offset (elements), widened to fp32 when is_bf16 */
+/* bf16 bits -> the fp32 value they stand for: bf16 is the upper half of an fp32 */
+static inline float bf16_to_float(uint16_t bits) {
+    union { uint32_t u; float f; } value;
+    value.u = (uint32_t)bits << 16;
+    return value.f;
+}
+
+/* 16-bit lanes zero-extended to 32 bits */
 static inline v16u widen16(v16h half) {
 #if defined(__AVX512F__)   /* one vpmovzxwd; gcc splits the generic conversion in two */
     return (v16u)_mm512_cvtepu16_epi32((__m256i)half);
@@ -40,13 +49,18 @@ static inline v16h pack16(v16u wide) {   /* low 16 bits of each lane */
 #endif
 }
 
+/* bf16_to_float on 16 lanes */
+static inline v16f widen_bf16(v16h half) {
+    return (v16f)(widen16(half) << 16);
+}
+
+/* 16 values at base + offset (elements), widened to fp32 when is_bf16 */
 static inline v16f load16(const void *base, int64_t offset, int is_bf16) {
     v16f out;
     if (is_bf16) {
         v16h half;
         memcpy(&half, (const uint16_t *)base + offset, sizeof(half));
-        v16u wide = widen16(half) << 16;
-        memcpy(&out, &wide, sizeof(out));
+        out = widen_bf16(half);
     } else {
         memcpy(&out, (const float *)base + offset, sizeof(out));
     }
@@ -69,10 +83,7 @@ static inline v16h narrow16(v16f f) {
 }
 
 /* the value a bf16 tensor holds after storing f */
-static inline v16f round_bf16(v16f f) {
-    const v16u wide = widen16(narrow16(f)) << 16;
-    return (v16f)wide;
-}
+static inline v16f round_bf16(v16f f) { return widen_bf16(narrow16(f)); }
 
 static inline void store16(void *base, int64_t offset, int is_bf16, v16f value) {
     if (is_bf16) {
