@@ -43,11 +43,34 @@ def stop(process: subprocess.Popen, name: str) -> None:
             process.kill()
 
 
+def banner(args: argparse.Namespace) -> str:
+    """What is served where, and how to try it."""
+    http = (f"  OpenAI-compatible HTTP: http://{args.host}:{args.http_port}/v1\n"
+            if args.http_port else "")
+    model = os.path.basename(os.path.normpath(args.model))
+    curl = (f"""  curl http://{args.host}:{args.http_port}/v1/chat/completions \\
+    -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
+""" if args.http_port else "")
+    return f"""
+llmserve is up.
+  public gRPC (llmserve.v1.TextGeneration): {args.host}:{args.port}
+{http}  metrics: http://127.0.0.1:{args.metrics_port}/metrics (tokenizer), \
+http://127.0.0.1:{args.engine_metrics_port}/metrics (engine)
+try it from another terminal:
+  .venv/bin/python -m tokenizer_svc.client --server {args.host}:{args.port} --chat \
+"Write a haiku about the sea"
+{curl}Ctrl-C stops both services.
+"""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="Serve a model locally: engine + tokenizer service.")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="public TextGeneration port")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP port of the tokenizer service (0 = off)")
     p.add_argument("--engine-port", type=int, default=50052)
     p.add_argument("--metrics-port", type=int, default=8001, help="tokenizer metrics port")
     p.add_argument("--engine-metrics-port", type=int, default=8002)
@@ -65,16 +88,10 @@ def main() -> int:
         tokenizer = subprocess.Popen([python, "-m", "tokenizer_svc", "--model", args.model,
                                       "--engine", f"127.0.0.1:{args.engine_port}",
                                       "--host", args.host, "--port", str(args.port),
+                                      "--http-port", str(args.http_port),
                                       "--metrics-port", str(args.metrics_port)], env=env)
         wait_serving(f"{args.host}:{args.port}", tokenizer, "tokenizer service", timeout=120)
-        print(f"""
-llmserve is up.
-  public gRPC (llmserve.v1.TextGeneration): {args.host}:{args.port}
-  metrics: http://127.0.0.1:{args.metrics_port}/metrics (tokenizer), http://127.0.0.1:{args.engine_metrics_port}/metrics (engine)
-try it from another terminal:
-  .venv/bin/python -m tokenizer_svc.client --server {args.host}:{args.port} --chat "Write a haiku about the sea"
-Ctrl-C stops both services.
-""", flush=True)
+        print(banner(args), flush=True)
         while engine.poll() is None and tokenizer.poll() is None:
             time.sleep(0.5)
         print("a service exited; stopping the other", file=sys.stderr)

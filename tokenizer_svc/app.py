@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health
 
@@ -14,26 +15,46 @@ from tokenizer_svc.metrics import FrontendMetrics
 from tokenizer_svc.schema import ServiceError
 from tokenizer_svc.security import ApiKeyInterceptor, channel_credentials, server_credentials
 from tokenizer_svc.server import TextGenerationServicer, build_grpc_server, publish_health
+
+if TYPE_CHECKING:
+    from tokenizer_svc.http_server import HttpServer
 from tokenizer_svc.tokenizer import ModelTokenizer
 
 log = logging.getLogger("tokenizer_svc")
+
+
+class ServiceHealth:
+    """This service's health: grpc.health.v1 plus a flag the HTTP /health route reads."""
+
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.serving = False
+
+    async def publish(self, serving: bool) -> None:
+        self.serving = serving
+        await publish_health(self.servicer, serving)
+
+    async def shut_down(self) -> None:
+        """NOT_SERVING for good (a drain has begun)."""
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()
 
 
 class EngineMonitor:
     """Loads the engine's info (retrying while it is down), then polls its health and mirrors
     it into this service's health: NOT_SERVING while the engine is unreachable or not serving."""
 
-    def __init__(self, engine: EngineClient, state: EngineState,
-                 health_servicer: health.aio.HealthServicer, config: FrontendConfig) -> None:
+    def __init__(self, engine: EngineClient, state: EngineState, service_health: ServiceHealth,
+                 config: FrontendConfig) -> None:
         self._engine = engine
         self._state = state
-        self._health = health_servicer
+        self._health = service_health
         self._config = config
         self.engine_serving: bool | None = None
 
     async def run(self) -> None:
         """Runs until cancelled."""
-        await publish_health(self._health, False)
+        await self._health.publish(False)
         self._state.limits = await self._engine.wait_for_info(
             self._config.engine_info_max_backoff_s)
         log.info("engine at %s: %s", self._engine.address, self._state.limits)
@@ -55,11 +76,12 @@ class EngineMonitor:
                 log.warning("engine at %s is %s", self._engine.address,
                             "serving" if serving else "NOT serving")
             self.engine_serving = serving
-            await publish_health(self._health, serving)
+            await self._health.publish(serving)
 
 
 class FrontendServer:
-    """The running tokenizer service: gRPC server, metrics endpoint and engine monitor."""
+    """The running tokenizer service: gRPC server, OpenAI HTTP server (unless --http-port 0),
+    metrics endpoint and engine monitor, all on one event loop around one FrontendCore."""
 
     def __init__(self, config: FrontendConfig, tokenizer: ModelTokenizer,
                  metrics: FrontendMetrics | None = None) -> None:
@@ -73,12 +95,15 @@ class FrontendServer:
             config.engine_tls_server_name)
         self.engine_state = EngineState(config.engine_address)
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
+        self._http: HttpServer | None = None
         self._monitor_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind, start serving (health NOT_SERVING until the engine answers), start the monitor."""
-        self.health = health.aio.HealthServicer()
+        self.service_health = ServiceHealth()
+        self.health = self.service_health.servicer
         self.core = FrontendCore(self.config, self.tokenizer, self.engine, self.engine_state,
                                  self.metrics)
         servicer = TextGenerationServicer(self.core)
@@ -92,19 +117,35 @@ class FrontendServer:
                      else self._server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC to {address}")
-        await publish_health(self.health, False)
+        await self.service_health.publish(False)
         await self._server.start()
+        if self.config.http_port:
+            await self._start_http()
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
                                                         self.config.host)
-        monitor = EngineMonitor(self.engine, self.engine_state, self.health, self.config)
+        monitor = EngineMonitor(self.engine, self.engine_state, self.service_health, self.config)
         self.monitor = monitor
         self._monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
 
+    async def _start_http(self) -> None:
+        from tokenizer_svc.http_api import build_app  # FastAPI only when HTTP is on
+        from tokenizer_svc.http_server import HttpServer
+
+        self._http = HttpServer(build_app(self.core, lambda: self.service_health.serving),
+                                self.config)
+        try:
+            self.http_port = await self._http.start()
+        except BaseException:
+            await self._server.stop(0)
+            raise
+
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight streams finish within grace_s."""
-        await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        grace_s = self.config.grace_period_s if grace_s is None else grace_s
+        await self.service_health.shut_down()
+        await asyncio.gather(self._server.stop(grace_s),
+                             self._http.stop(grace_s) if self._http else asyncio.sleep(0))
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
@@ -123,8 +164,12 @@ async def serve(config: FrontendConfig) -> int:
              ", client certificates required" if config.tls_ca else "",
              server.metrics_port if config.metrics_port >= 0 else "off", config.engine_address,
              "TLS" if config.engine_uses_tls else "plaintext")
+    if server.http_port:
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if config.tls_cert
+                 else "http", config.host, server.http_port)
     if config.api_key:
-        log.info("API key required on llmserve.v1.TextGeneration (health/reflection open)")
+        log.info("API key required on llmserve.v1.TextGeneration (health/reflection open) "
+                 "and on HTTP (all but /health)")
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

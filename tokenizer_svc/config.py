@@ -19,6 +19,7 @@ class FrontendConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 8001  # 0 picks a free port; -1 disables the metrics endpoint
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 turns it off
     max_concurrent: int = 256
     default_max_new_tokens: int = 256
     grace_period_s: float = 30.0
@@ -39,6 +40,8 @@ class FrontendConfig:
         """Raise ValueError naming the first setting that is out of range."""
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be in [0, 65535] (0 = off), got {self.http_port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
         if ":" not in self.engine_address:
@@ -98,6 +101,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051,
                         help="gRPC port of the public API; 0 picks a free one "
                              "(default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="port of the OpenAI-compatible HTTP API (/v1/chat/completions, "
+                             "/v1/completions, /v1/models, /health, /tokenize, /detokenize) on "
+                             "--host, with the same TLS flags and API key; 0 turns it off "
+                             "(default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8001,
                         help="HTTP port for Prometheus /metrics; 0 picks a free one, -1 turns it "
                              "off (default: %(default)s)")
@@ -125,7 +133,8 @@ def _add_security_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "security", "TLS for the public port, (mutual) TLS to the engine, and an API key")
     group.add_argument("--tls-cert", type=Path, metavar="PEM",
-                       help="serve the public API over TLS with this certificate (chain)")
+                       help="serve the public API (gRPC and HTTP: https) over TLS with this "
+                            "certificate (chain)")
     group.add_argument("--tls-key", type=Path, metavar="PEM",
                        help="private key of --tls-cert")
     group.add_argument("--tls-ca", type=Path, metavar="PEM",
@@ -144,7 +153,9 @@ def _add_security_args(parser: argparse.ArgumentParser) -> None:
                             "the host of --engine")
     group.add_argument("--api-key", metavar="KEY",
                        help=f"require metadata 'authorization: Bearer KEY' on every call except "
-                            f"health and reflection (UNAUTHENTICATED otherwise). Prefer the "
+                            f"health and reflection (UNAUTHENTICATED otherwise), and the header "
+                            f"'Authorization: Bearer KEY' on every HTTP route except /health "
+                            f"(401 otherwise). Prefer the "
                             f"{API_KEY_ENV} environment variable: a flag shows in `ps`")
 
 
@@ -153,8 +164,8 @@ def config_from_args(argv: list[str] | None = None) -> FrontendConfig:
     args = build_arg_parser().parse_args(argv)
     config = FrontendConfig(
         model_dir=args.model, engine_address=args.engine, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-        default_max_new_tokens=args.default_max_new_tokens, grace_period_s=args.grace_period,
+        http_port=args.http_port, metrics_port=args.metrics_port,
+        max_concurrent=args.max_concurrent, default_max_new_tokens=args.default_max_new_tokens, grace_period_s=args.grace_period,
         engine_poll_interval_s=args.engine_poll_interval,
         max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, engine_tls_ca=args.engine_tls_ca,

@@ -19,8 +19,8 @@ from tokenizer_svc.schema import (EngineLimits, EngineRequest, OutputDelta, Serv
                                   TextRequest)
 from tokenizer_svc.tokenizer import ModelTokenizer
 from tokenizer_svc.validation import (check_min_tokens, resolve_max_new_tokens,
-                                      validate_request, validate_request_id, validate_token_ids,
-                                      validate_vocab_fields)
+                                      validate_input, validate_request, validate_request_id,
+                                      validate_token_ids, validate_vocab_fields)
 
 THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 # The client's deadline fires first (ours starts when its request arrives, a transit later), and
@@ -126,6 +126,13 @@ class FrontendCore:
                     time.perf_counter() - started)
             yield delta
 
+    async def _tokenize_input(self, request: TextRequest, protocol: str) -> list[int]:
+        chars = (len(request.prompt) if request.prompt is not None
+                 else sum(len(turn.content) for turn in request.chat or []))
+        if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
+            return await asyncio.to_thread(self._prompt_ids, request, protocol)
+        return self._prompt_ids(request, protocol)
+
     def _prompt_ids(self, request: TextRequest, protocol: str) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
@@ -143,12 +150,7 @@ class FrontendCore:
         validate_request(request)
         limits = self._engine.require_limits()
         validate_vocab_fields(request, limits.vocab_size)
-        chars = (len(request.prompt) if request.prompt is not None
-                 else sum(len(turn.content) for turn in request.chat or []))
-        if chars > THREAD_TOKENIZE_CHARS:  # long input: keep the event loop responsive
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request, protocol)
-        else:
-            prompt_ids = self._prompt_ids(request, protocol)
+        prompt_ids = await self._tokenize_input(request, protocol)
         if not prompt_ids:
             raise ValueError("prompt tokenizes to 0 tokens; it must hold at least 1 token")
         max_new_tokens = resolve_max_new_tokens(request.max_new_tokens, len(prompt_ids),
@@ -175,6 +177,11 @@ class FrontendCore:
         self.metrics.tokenize_seconds.labels(protocol).observe(time.perf_counter() - started)
         return token_ids
 
+    async def prompt_ids(self, request: TextRequest, protocol: str) -> list[int]:
+        """The ids Generate would send the engine for this prompt or chat (input validated)."""
+        validate_input(request)
+        return await self._tokenize_input(request, protocol)
+
     async def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         """Ids -> text; ValueError names the first id outside the vocabulary."""
         validate_token_ids("token_ids", token_ids, self.tokenizer.vocab_size)
@@ -184,9 +191,23 @@ class FrontendCore:
                                            skip_special_tokens=skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def known_limits(self) -> EngineLimits | None:
+        """The engine's limits when known (None until GetInfo has succeeded)."""
+        return self._engine.limits
+
     def limits(self) -> EngineLimits:
         """The engine's limits; ServiceError UNAVAILABLE until its info has been loaded."""
         return self._engine.require_limits()
+
+    def check_model(self, name: str) -> None:
+        """ServiceError NOT_FOUND unless `name` is the model this service serves (not checked
+        while the engine is unknown: the request then fails with UNAVAILABLE)."""
+        if self._engine.limits is not None and name not in (self.model_name,
+                                                             self.tokenizer.name):
+            raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                               f"model {name!r} does not exist: this server serves "
+                               f"{self.model_name!r}")
 
     @property
     def model_name(self) -> str:

@@ -21,6 +21,23 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE spells every byte as one printable character: bytes that are printable
+    Latin-1 stand for themselves, the others (controls, space, ...) for chr(256 + k) in order.
+    Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {chr(b): b for b in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in printable:
+            chars[chr(256 + shifted)] = byte
+            shifted += 1
+    return chars
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -55,6 +72,7 @@ class ModelTokenizer:
         self._chat_template = (ChatTemplate(chat_template, self.special_tokens)
                                if chat_template else None)
         self._clean_up = clean_up_tokenization_spaces
+        self._byte_level = type(backend.decoder).__name__ == "ByteLevel"
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelTokenizer":
@@ -113,3 +131,12 @@ class ModelTokenizer:
             for before, after in _CLEANUP:
                 text = text.replace(before, after)
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character)."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(char in _BYTE_LEVEL_CHARS for char in piece):
+            return bytes(_BYTE_LEVEL_CHARS[char] for char in piece)
+        return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")

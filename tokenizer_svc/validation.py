@@ -107,7 +107,7 @@ def validate_request_id(request_id: str) -> None:
 def validate_generation_features(request: TextRequest) -> None:
     """n, logit_bias (values; ids need the vocabulary), min_tokens, response_format."""
     if not 1 <= request.n <= MAX_N:
-        raise ValueError(f"n must be in [1, {MAX_N}] (0 = 1), got {request.n}")
+        raise ValueError(f"n must be in [1, {MAX_N}], got {request.n}")
     if len(request.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
         raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
                          f"got {len(request.logit_bias)}")

@@ -106,7 +106,7 @@ def start_tokenizer(model_dir: Path, engine_address: str, log_dir: Path, *extra:
     log_path = log_dir / f"tokenizer-{port}.log"
     args = [sys.executable, "-m", "tokenizer_svc", "--model", str(model_dir),
             "--engine", engine_address, "--port", str(port), "--metrics-port", str(metrics_port),
-            *extra]
+            "--http-port", "0", *extra]  # HTTP off unless extra asks (the last flag wins)
     return Service("tokenizer", _spawn(args, log_path), port, metrics_port, log_path)
 
 

@@ -74,7 +74,8 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero() -> None:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tokenizer_svc", "--model", str(model_dir()),
             "--engine", engine_server.address, "--port", str(port), "--metrics-port", "0",
-            "--engine-poll-interval", "0.1", "--grace-period", "20", cwd=REPO_ROOT, env=ENV,
+            "--http-port", "0", "--engine-poll-interval", "0.1", "--grace-period", "20",
+            cwd=REPO_ROOT, env=ENV,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:

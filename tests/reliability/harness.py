@@ -134,7 +134,7 @@ def tokenizer_proc(model_dir: Path, engine_address: str, log_dir: Path, *extra: 
     port, metrics_port = free_port(), free_port()
     args = [sys.executable, "-m", "tokenizer_svc", "--model", str(model_dir),
             "--engine", engine_address, "--port", str(port), "--metrics-port", str(metrics_port),
-            "--engine-poll-interval", "0.2", "--grace-period", "20", *extra]
+            "--engine-poll-interval", "0.2", "--grace-period", "20", "--http-port", "0", *extra]
     return Proc("tokenizer", args, port, metrics_port, log_dir / f"tokenizer-{port}.log",
                 credentials, dict(env or {}))
 
