@@ -72,6 +72,12 @@ class Stack:
     async def _health_is(self, status: int, service: str) -> bool:
         return await self.health_status(service) == status
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI HTTP API (start the stack with http_port=free_port())."""
+        assert self.frontend.http_port, "this stack was started without the HTTP API"
+        return f"http://127.0.0.1:{self.frontend.http_port}"
+
     async def generate(self, request: generate_pb2.GenerateRequest, timeout: float = 10.0
                        ) -> list[generate_pb2.GenerateResponse]:
         return [message async for message in self.stub.Generate(request, timeout=timeout)]
@@ -94,8 +100,11 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout_s:
 
 @asynccontextmanager
 async def running_stack(script: Callable[[object], ScriptedReply] | None = None,
-                        start_engine: bool = True, **config: object) -> AsyncIterator[Stack]:
-    """Fake engine (started unless start_engine=False) + FrontendServer on free ports."""
+                        start_engine: bool = True,
+                        credentials: grpc.ChannelCredentials | None = None,
+                        **config: object) -> AsyncIterator[Stack]:
+    """Fake engine (started unless start_engine=False) + FrontendServer on free ports (the HTTP
+    API only when asked for with http_port=free_port()); `credentials` for a TLS gRPC port."""
     tokenizer = shared_tokenizer()
     engine = FakeEngine(script or text_reply(), max_model_len=MAX_MODEL_LEN,
                         vocab_size=tokenizer.vocab_size, eos_token_ids=tuple(tokenizer.eos_token_ids))
@@ -104,11 +113,13 @@ async def running_stack(script: Callable[[object], ScriptedReply] | None = None,
     if start_engine:
         await engine_server.start()
     settings = dict(engine_address=engine_server.address, port=0, metrics_port=0,
-                    engine_poll_interval_s=0.1, engine_info_max_backoff_s=0.2)
+                    http_port=0, engine_poll_interval_s=0.1, engine_info_max_backoff_s=0.2)
     settings.update(config)
     frontend = FrontendServer(FrontendConfig(model_dir=model_dir(), **settings), tokenizer)
     await frontend.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}")
+    address = f"127.0.0.1:{frontend.port}"
+    channel = (grpc.aio.insecure_channel(address) if credentials is None
+               else grpc.aio.secure_channel(address, credentials))
     stack = Stack(engine, engine_server, frontend, channel,
                   generate_pb2_grpc.TextGenerationStub(channel))
     try:
