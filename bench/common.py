@@ -287,7 +287,8 @@ def _spawn(name: str, args: list[str], log_dir: Path, threads: int, address: str
 
 
 class Services:
-    """Engine + tokenizer service on free loopback ports; a context manager that stops both."""
+    """Engine + tokenizer service on free loopback ports (gRPC `address`, OpenAI HTTP
+    `http_url`); a context manager that stops both."""
 
     def __init__(self, model: str | Path, engine_args: Sequence[str], threads: int,
                  log_dir: Path) -> None:
@@ -301,9 +302,11 @@ class Services:
         try:
             self.engine.wait_serving()
             address = f"127.0.0.1:{free_port()}"
+            self.http_url = f"http://127.0.0.1:{free_port()}"
             self.tokenizer = _spawn("tokenizer", [
                 "tokenizer_svc", "--model", str(model), "--engine", engine_address,
-                "--port", address.rsplit(":", 1)[1], "--metrics-port", "-1"],
+                "--port", address.rsplit(":", 1)[1], "--metrics-port", "-1",
+                "--http-port", self.http_url.rsplit(":", 1)[1]],
                 log_dir, threads, address)
             self.tokenizer.wait_serving()
         except BaseException:

@@ -1,4 +1,5 @@
-"""Serving load generator over the public gRPC API (llmserve.v1.TextGeneration.Generate).
+"""Serving load generator over the public gRPC API (llmserve.v1.TextGeneration.Generate) and/or
+the OpenAI-compatible HTTP API (/v1/completions, SSE) of the same service.
 
 Random prompts of about --input-len tokens (random token ids, detokenized and re-tokenized by the
 server until stable), exactly --output-len generated tokens each (ignore_eos), sent at a fixed
@@ -6,6 +7,8 @@ concurrency (one run per value) or as a Poisson process (--request-rate). Report
 output tokens/s, TTFT, TPOT, inter-token latency and end-to-end latency like `vllm bench serve`.
 
     python bench/serve.py --server 127.0.0.1:50051 --concurrency 1 4 16 32 --num-prompts 64
+    python bench/serve.py --start-services --model models/smollm2-135m-instruct \\
+        --protocol grpc http --concurrency 1 8      # the same load over both, side by side
     python bench/serve.py --start-services --model models/smollm2-135m-instruct \\
         --concurrency 1 4 16 32 --json bench/results/serve_cpu.json \\
         --plot bench/results/serve_cpu.png
@@ -62,6 +65,8 @@ class LoadSpec:
     output_len: int = 128
     temperature: float = 0.0
     seed: int = 0
+    protocol: str = "grpc"           # "grpc" or "http" (OpenAI /v1/completions with SSE)
+    model: str = ""                  # the served model's name (HTTP requests name it)
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -92,6 +97,18 @@ def build_prompts(address: str, count: int, input_len: int, range_ratio: float,
             text, ids = stable_prompt_ids(encode, decode, rng, length, min(1000, vocab // 4), vocab)
             prompts.append(Prompt(text, len(ids)))
     return prompts
+
+
+def served_model(address: str) -> str:
+    """The model name the service reports (OpenAI requests must name it)."""
+    import grpc
+
+    from llmserve.v1 import generate_pb2 as pb
+    from llmserve.v1 import generate_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.TextGenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
+                                                                 timeout=30).model
 
 
 def read_prompt_file(path: Path, count: int) -> list[Prompt]:
@@ -142,10 +159,61 @@ async def send_one(stub, prompt: Prompt, spec: LoadSpec, index: int) -> RequestR
     return record
 
 
+async def send_one_http(client, url: str, prompt: Prompt, spec: LoadSpec,
+                        index: int) -> RequestRecord:
+    """One streamed /v1/completions call, the same request as send_one. Chunks carry text, so
+    token counts come from the usage chunk and gaps between chunks stand for inter-token
+    latency (a token whose text the detokenizer holds back sends no chunk)."""
+    body = {"model": spec.model, "prompt": prompt.text, "max_tokens": spec.output_len,
+            "temperature": spec.temperature, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if spec.temperature > 0:
+        body["seed"] = spec.seed + index
+    record = RequestRecord(prompt_tokens=prompt.num_tokens)
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body, timeout=3600) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise RuntimeError(f"HTTP {response.status_code}: {text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[6:])
+                _take_http_chunk(record, chunk, now - start, now - last)
+                last = now if chunk["choices"] else last
+    except Exception as error:  # noqa: BLE001  (a failed request is a result)
+        record.error = f"{type(error).__name__}: {error}"
+    record.e2e_s = time.perf_counter() - start
+    return record
+
+
+def _take_http_chunk(record: RequestRecord, chunk: dict, since_start: float,
+                     since_last: float) -> None:
+    if "error" in chunk:
+        raise RuntimeError(chunk["error"].get("message"))
+    for choice in chunk["choices"]:
+        if choice.get("text"):
+            if record.ttft_s == 0.0:
+                record.ttft_s = since_start
+            else:
+                record.itl_s.append(since_last)
+        if choice.get("finish_reason"):
+            record.finish_reason = choice["finish_reason"]
+    if chunk.get("usage"):
+        usage = chunk["usage"]
+        record.prompt_tokens = usage["prompt_tokens"]
+        record.output_tokens = usage["completion_tokens"]
+        record.cached_prompt_tokens = (usage.get("prompt_tokens_details") or {}).get(
+            "cached_tokens", 0)
+
+
 async def run_load(address: str, prompts: list[Prompt], spec: LoadSpec,
-                   progress: bool = True) -> tuple[list[RequestRecord], float]:
+                   progress: bool = True, http_url: str = "") -> tuple[list[RequestRecord], float]:
     """Send every prompt under `spec`; return the records (prompt order) and the wall time."""
     import grpc
+    import httpx2 as httpx
     from tqdm import tqdm
 
     from llmserve.v1 import generate_pb2_grpc as pb_grpc
@@ -153,13 +221,19 @@ async def run_load(address: str, prompts: list[Prompt], spec: LoadSpec,
     rng = np.random.default_rng(spec.seed)
     cap = asyncio.Semaphore(spec.concurrency or len(prompts))
     bar = tqdm(total=len(prompts), disable=not progress, unit="req", leave=False,
-               desc=f"concurrency={spec.concurrency} rate={spec.request_rate}")
-    async with grpc.aio.insecure_channel(address) as channel:
+               desc=f"{spec.protocol} concurrency={spec.concurrency} rate={spec.request_rate}")
+    limits = httpx.Limits(max_connections=spec.concurrency or len(prompts))
+    async with grpc.aio.insecure_channel(address) as channel, \
+            httpx.AsyncClient(limits=limits, timeout=3600) as client:
         stub = pb_grpc.TextGenerationStub(channel)
 
         async def limited(index: int, prompt: Prompt) -> RequestRecord:
             async with cap:
-                record = await send_one(stub, prompt, spec, index)
+                if spec.protocol == "http":
+                    record = await send_one_http(client, http_url + "/v1/completions", prompt,
+                                                 spec, index)
+                else:
+                    record = await send_one(stub, prompt, spec, index)
             bar.update(1)
             return record
 
@@ -180,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
-                   help="public TextGeneration address (default %(default)s)")
+                   help="public TextGeneration address (default %(default)s); prompts are "
+                        "tokenized through it for either protocol")
+    p.add_argument("--http-server", default="http://127.0.0.1:8000", metavar="URL",
+                   help="the same service's OpenAI HTTP API, for --protocol http "
+                        "(default %(default)s)")
+    p.add_argument("--protocol", nargs="+", choices=("grpc", "http"), default=["grpc"],
+                   help="API(s) to send the load through; with both, every run is done over "
+                        "each in turn (fresh prompts each), side by side (default grpc)")
     p.add_argument("--start-services", action="store_true",
                    help="start engine + tokenizer services on free loopback ports (needs --model)")
     p.add_argument("--model", help="model directory for --start-services")
@@ -213,11 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_specs(args: argparse.Namespace) -> list[LoadSpec]:
+    """One spec per concurrency (or rate) and protocol, the protocols of a load side by side."""
     common = dict(output_len=args.output_len, temperature=args.temperature, seed=args.seed)
     if args.request_rate:
         cap = args.concurrency[0] if args.concurrency else None
-        return [LoadSpec(cap, rate, **common) for rate in args.request_rate]
-    return [LoadSpec(c, math.inf, **common) for c in args.concurrency or [1]]
+        loads = [(cap, rate) for rate in args.request_rate]
+    else:
+        loads = [(c, math.inf) for c in args.concurrency or [1]]
+    return [LoadSpec(cap, rate, protocol=protocol, **common)
+            for cap, rate in loads for protocol in args.protocol]
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -245,8 +330,10 @@ def measure_quietly(address: str, spec: LoadSpec, args: argparse.Namespace, seed
         if args.max_others is not None:
             wait_for_quiet(args.quiet_wait)
         with OtherLoad() as load:
-            records, duration = asyncio.run(run_load(address, prompts, spec, not args.no_progress))
+            records, duration = asyncio.run(run_load(address, prompts, spec, not args.no_progress,
+                                                     args.http_server))
         run = summarize_run(records, duration, spec.concurrency, spec.request_rate)
+        run["protocol"] = spec.protocol
         run["others_cpu_cores"] = load.others_cores  # busy cores outside this process tree
         run["ours_cpu_cores"] = load.ours_cores
         if args.max_others is None or load.others_cores <= args.max_others:
@@ -258,12 +345,18 @@ def measure_quietly(address: str, spec: LoadSpec, args: argparse.Namespace, seed
 
 def benchmark(args: argparse.Namespace, address: str, specs: list[LoadSpec]) -> list[dict]:
     """Warm up, then one run per spec with fresh prompts (no prefix-cache hits across runs)."""
+    spec_model = served_model(address)
     if args.warmup:
         warm = build_prompts(address, args.warmup, min(args.input_len, 16), 0.0, args.seed + 999)
-        asyncio.run(run_load(address, warm, LoadSpec(args.warmup, output_len=4), progress=False))
+        for protocol in args.protocol:
+            asyncio.run(run_load(address, warm, LoadSpec(args.warmup, output_len=4,
+                                                         protocol=protocol, model=spec_model),
+                                 progress=False, http_url=args.http_server))
     runs = []
     for index, spec in enumerate(specs):
+        spec.model = spec_model
         run = measure_quietly(address, spec, args, seed=args.seed + 1000 * index)
+        print(f"protocol: {spec.protocol}")
         print_run(run)
         runs.append(run)
     return runs
@@ -287,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.threads, log_dir)
     try:
         address = services.address if services else args.server
+        if services:
+            args.http_server = services.http_url
         runs = benchmark(args, address, specs)
     finally:
         if services:
@@ -295,15 +390,20 @@ def main(argv: list[str] | None = None) -> int:
               "started_services": bool(services), "engine_args": args.engine_arg,
               "model": args.model, "input_len": args.input_len, "output_len": args.output_len,
               "range_ratio": args.range_ratio, "num_prompts": args.num_prompts,
-              "temperature": args.temperature, "seed": args.seed, "runs": runs}
+              "temperature": args.temperature, "seed": args.seed, "protocols": args.protocol,
+              "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        plot_runs(runs, args.plot, title=f"{args.model or address}: in {args.input_len} / "
-                                         f"out {args.output_len} tokens")
-        print(f"wrote {args.plot}")
+        for protocol in args.protocol:  # one plot per protocol: <stem>_<protocol>.png for 2
+            path = (args.plot if len(args.protocol) == 1
+                    else args.plot.with_name(f"{args.plot.stem}_{protocol}{args.plot.suffix}"))
+            plot_runs([r for r in runs if r["protocol"] == protocol], path,
+                      title=f"{args.model or address} ({protocol}): in {args.input_len} / "
+                            f"out {args.output_len} tokens")
+            print(f"wrote {path}")
     return 0 if all(r["failed"] == 0 for r in runs) else 1
 
 

@@ -222,3 +222,25 @@ def test_frontend_metrics_count_http_requests_under_their_protocol() -> None:
             ttft = m.time_to_first_token_seconds.labels("http")._sum.get()
             assert ttft > 0 and m.inflight_requests.labels("http")._value.get() == 0
     asyncio.run(body())
+
+
+def test_bench_serve_sends_the_same_load_over_http_and_grpc() -> None:
+    from bench.serve import LoadSpec, Prompt, run_load
+
+    async def body() -> None:
+        async with http_stack(text_reply(delay_s=0.002)) as s:
+            prompts = [Prompt("Hello there", 3), Prompt("Another prompt", 3)]
+            results = {}
+            for protocol in ("grpc", "http"):
+                spec = LoadSpec(2, output_len=8, protocol=protocol, model=MODEL)
+                results[protocol], _ = await run_load(f"127.0.0.1:{s.frontend.port}", prompts,
+                                                      spec, progress=False,
+                                                      http_url=s.http_url)
+            for protocol, records in results.items():
+                assert [r.error for r in records] == ["", ""], protocol
+                assert [r.output_tokens for r in records] == [8, 8], protocol
+                assert all(0 < r.ttft_s < r.e2e_s and len(r.itl_s) >= 5 for r in records)
+            sent = s.engine.record.requests
+            assert len(sent) == 4 and all(r.ignore_eos for r in sent)
+            assert {r.max_new_tokens for r in sent} == {8}
+    asyncio.run(body())
