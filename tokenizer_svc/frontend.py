@@ -7,6 +7,7 @@ all live here, once. The edges only convert their wire format to and from schema
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -75,8 +76,12 @@ class FrontendCore:
         inflight.inc()
         code = grpc.StatusCode.OK
         try:
-            async for delta in self._run(request, protocol, started, deadline):
-                yield delta
+            # aclosing: a consumer that stops early closes the whole chain down to the engine
+            # call now, not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self._run(request, protocol, started,
+                                                     deadline)) as deltas:
+                async for delta in deltas:
+                    yield delta
         except ValueError as error:
             code = grpc.StatusCode.INVALID_ARGUMENT
             raise ServiceError(code, str(error)) from None
@@ -119,12 +124,14 @@ class FrontendCore:
                                     ).run(timeout_s)
 
         first_token_seen = False
-        async for delta in run_samples(engine_request, request.n, open_stream):
-            if delta.token_ids and not first_token_seen:
-                first_token_seen = True
-                self.metrics.time_to_first_token_seconds.labels(protocol).observe(
-                    time.perf_counter() - started)
-            yield delta
+        samples = run_samples(engine_request, request.n, open_stream)
+        async with contextlib.aclosing(samples):
+            async for delta in samples:
+                if delta.token_ids and not first_token_seen:
+                    first_token_seen = True
+                    self.metrics.time_to_first_token_seconds.labels(protocol).observe(
+                        time.perf_counter() - started)
+                yield delta
 
     async def _tokenize_input(self, request: TextRequest, protocol: str) -> list[int]:
         chars = (len(request.prompt) if request.prompt is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ from tokenizer_svc.schema import OutputDelta, ServiceError, TextRequest, UsageCo
 from tokenizer_svc.security import bearer_matches
 from tokenizer_svc.validation import validate_request_id
 
+log = logging.getLogger("tokenizer_svc")
 PROTOCOL = "http"
 REQUEST_ID_HEADER = "x-request-id"
 Result = TypeVar("Result")
@@ -77,7 +79,9 @@ class EventStream(StreamingResponse):
         finally:
             for task in (pump, gone):
                 task.cancel()
-            await asyncio.gather(pump, gone, return_exceptions=True)
+            outcome, _ = await asyncio.gather(pump, gone, return_exceptions=True)
+        if isinstance(outcome, Exception) and not isinstance(outcome, OSError):
+            log.error("SSE stream failed: %r", outcome)  # a write to a gone client is OSError
 
     async def _pump(self, send: Callable) -> None:
         async with contextlib.aclosing(self._events) as events:  # type: ignore[type-var]
