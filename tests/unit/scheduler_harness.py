@@ -83,7 +83,7 @@ class StepRecord:
 
 
 class FakeRunner:
-    """Drives a scheduler the way LLMEngine.step does, with a fake model instead of a forward pass."""
+    """Drives a scheduler as LLMEngine.step does, a fake model in place of the forward pass."""
 
     def __init__(self, scheduler: Scheduler, max_model_len: int) -> None:
         self.scheduler = scheduler
