@@ -12,7 +12,8 @@ from tests.deploy.dockerfile import parse_dockerfile
 TORCH_FROM_BASE_IMAGE = {"torch", "triton"}
 # test and benchmark tools: not needed inside the images
 DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf", "pyyaml", "matplotlib",
-            "kubernetes-validate"}
+            "kubernetes-validate", "openai"}
+TOKENIZER_ONLY = {"fastapi", "uvicorn"}  # the tokenizer's OpenAI HTTP API
 HEAVY = {"torch", "triton", "transformers", "numpy"}
 
 
@@ -39,13 +40,14 @@ def test_image_requirements_use_the_pins_of_requirements_txt():
 def test_engine_requirements_are_requirements_txt_minus_torch_and_dev_tools():
     root = pins(REPO_ROOT / "requirements.txt")
     engine = pins(DEPLOY_DIR / "requirements-engine.txt")
-    assert set(engine) == set(root) - TORCH_FROM_BASE_IMAGE - DEV_ONLY
+    assert set(engine) == set(root) - TORCH_FROM_BASE_IMAGE - DEV_ONLY - TOKENIZER_ONLY
 
 
 def test_tokenizer_image_requirements_carry_no_torch_stack():
     tokenizer = pins(DEPLOY_DIR / "requirements-tokenizer.txt")
     assert not set(tokenizer) & HEAVY
     assert {"tokenizers", "jinja2", "grpcio", "protobuf", "prometheus-client"} <= set(tokenizer)
+    assert TOKENIZER_ONLY <= set(tokenizer)
 
 
 def test_engine_image_builds_on_a_cuda_pytorch_runtime_image_matching_the_torch_pin():
