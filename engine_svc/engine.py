@@ -218,9 +218,11 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            out = RequestOutput(seq.request_id, [token], [logprobs[i]] if logprobs else [])
-            if seq.sampling.top_logprobs and top_ids is not None:
-                k = seq.sampling.top_logprobs
+            out = RequestOutput(seq.request_id, [token])
+            k = seq.sampling.top_logprobs
+            if k and logprobs is not None and top_ids is not None:
+                # only a request that asked gets logprobs: the same alone or in any batch
+                out.logprobs = [logprobs[i]]
                 out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))]
             reason = self._stop_reason(seq, token)
             if reason is not None:

@@ -68,8 +68,9 @@ def run(engine, arrivals: dict[int, list[int]]) -> tuple[dict[str, Collected], i
 def assert_same(request_id: str, k: int, together: Collected, alone: Collected) -> None:
     """Tokens equal; for k > 0, logprobs and the k alternatives per token equal too."""
     assert together.tokens == alone.tokens and len(alone.tokens) == NEW_TOKENS, request_id
-    if k == 0:  # no alternatives asked for: none reported, alone or batched
+    if k == 0:  # nothing asked for: no logprobs, no alternatives, alone or batched
         assert together.top == [] and alone.top == [], request_id
+        assert together.logprobs == [] and alone.logprobs == [], request_id
         return
     assert len(together.logprobs) == len(alone.logprobs) == NEW_TOKENS, request_id
     assert together.logprobs == pytest.approx(alone.logprobs, abs=LOGPROB_TOLERANCE), request_id
