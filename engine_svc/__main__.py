@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the engine, the tokenizer service and the client; on a small CPU, N=2 "
                         "gives more throughput under load, and users see tokens arrive N at a "
                         "time (default 1: every token at once)")
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="CPU: OpenMP threads of the engine (default: OMP_NUM_THREADS, else the "
+                        "CPUs this process may use: its affinity mask and cgroup CPU quota)")
+    p.add_argument("--adaptive-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: run fewer threads while other processes keep cores busy, so a "
+                        "busy neighbour does not stall every OpenMP barrier (default on)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight streams before exiting")
     p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
@@ -77,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (Path(args.model) / "config.json").is_file():
         print(f"error: --model {args.model}: no config.json there", file=sys.stderr)
+        return 2
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        print(f"error: --cpu-threads must be >= 1, got {args.cpu_threads}", file=sys.stderr)
         return 2
     if args.stream_interval < 1:
         print(f"error: --stream-interval must be >= 1, got {args.stream_interval}",
@@ -105,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             max_queue=args.max_queue, kv_capacity_tokens=args.kv_capacity_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-            cuda_graphs=args.cuda_graphs)).result()
+            cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
+            adaptive_threads=args.adaptive_threads)).result()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

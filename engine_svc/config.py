@@ -31,6 +31,9 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool | None = None           # None: on for CUDA decode; True on CPU runs the
     #                                           padded graph path eagerly (tests)
+    cpu_threads: int | None = None            # CPU: OpenMP team size (None: OMP_NUM_THREADS, else
+    #                                           the CPUs this process may use)
+    adaptive_threads: bool = True             # CPU: fewer threads while other processes are busy
 
     def resolved(self, model_context: int) -> EngineConfig:
         """A copy with max_model_len fixed against the model's context length.

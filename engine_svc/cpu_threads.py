@@ -168,3 +168,27 @@ class ThreadGovernor:
         self.threads, self._votes = proposal, 0
         self._set_threads(proposal)
         return proposal
+
+
+def start_cpu_threads(requested: int | None, adaptive: bool) -> ThreadGovernor | None:
+    """Set torch's (and so the C kernels') OpenMP team size on the calling thread, the one that
+    runs the engine's steps, and return the governor to tick between steps (None: fixed size).
+
+    The size is `requested` (--cpu-threads), else OMP_NUM_THREADS, else the CPU budget.
+    """
+    import torch   # here, not at import: the policy above is plain Python and tested without it
+
+    budget = usable_cpus()
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested is not None:
+        threads, why = requested, "--cpu-threads"
+    elif from_env.isdigit() and int(from_env) > 0:
+        threads, why = int(from_env), "OMP_NUM_THREADS"
+    else:
+        threads, why = budget.cpus, budget.source
+    torch.set_num_threads(threads)
+    governor = ThreadGovernor(threads, torch.set_num_threads) if adaptive and threads > 1 else None
+    log.info("CPU threads: %d (%s; %d CPUs usable here); %s", threads, why, budget.cpus,
+             "fewer while other processes keep cores busy (--no-adaptive-threads: fixed)"
+             if governor else "fixed")
+    return governor

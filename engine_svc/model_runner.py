@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine_svc.config import EngineConfig
+from engine_svc.cpu_threads import ThreadGovernor, start_cpu_threads
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.forward_batch import ForwardBatch, KVCache
@@ -72,8 +73,10 @@ class ModelRunner:
                  if config.dtype == "auto" and self.dtype == torch.bfloat16
                  and self.device.type == "cpu" else "")
         self.backend = resolve_backend(config.backend, self.device)
+        self.thread_governor: ThreadGovernor | None = None   # CPU: OpenMP team size per step
         if self.device.type == "cpu":
             keep_freed_memory_on_heap()
+            self.thread_governor = start_cpu_threads(config.cpu_threads, config.adaptive_threads)
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
                                config.load_format, seed=config.seed)
@@ -159,6 +162,8 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Run the plan's forward pass; sample for chunks with `samples` (in plan order)."""
+        if self.thread_governor is not None:
+            self.thread_governor.tick()   # a clock read; /proc twice a second
         batch, sampled = self._build_batch(plan)
         if self.graphs is not None and not plan.prefill and self.graphs.fits(len(plan.decode)):
             logits = self.graphs.run(batch)

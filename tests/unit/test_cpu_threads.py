@@ -138,3 +138,32 @@ def test_flapping_samples_do_not_change_threads() -> None:
 def test_rejects_no_threads() -> None:
     with pytest.raises(ValueError, match="max_threads"):
         ThreadGovernor(0, lambda n: None)
+
+
+def test_start_cpu_threads_sizes_torch_and_governs_only_when_asked(monkeypatch) -> None:
+    import torch
+
+    from engine_svc.cpu_threads import start_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert start_cpu_threads(None, adaptive=True) is None     # one thread: nothing to govern
+        assert torch.get_num_threads() == 1
+        governor = start_cpu_threads(2, adaptive=True)            # the flag wins over the env
+        assert torch.get_num_threads() == 2 and governor is not None
+        assert governor.max_threads == 2
+        assert start_cpu_threads(2, adaptive=False) is None
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        start_cpu_threads(None, adaptive=False)
+        assert torch.get_num_threads() == usable_cpus().cpus
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_engine_cli_refuses_zero_threads_before_loading(tmp_path: Path, capsys) -> None:
+    from engine_svc.__main__ import main
+
+    (tmp_path / "config.json").write_text("{}")   # passes the model check; never loaded
+    assert main(["--model", str(tmp_path), "--cpu-threads", "0"]) == 2
+    assert "--cpu-threads must be >= 1, got 0" in capsys.readouterr().err
