@@ -93,6 +93,9 @@ class LLMEngine:
         stopping = stopping or StoppingParams()
         self._validate(request_id, prompt_ids, sampling, stopping)
         seq = Sequence(request_id, list(prompt_ids), sampling, stopping)
+        if stopping.min_tokens:
+            eos = () if stopping.ignore_eos else self.eos_ids
+            seq.stop_ids_banned = tuple(sorted(set(stopping.stop_token_ids) | set(eos)))
         with self._lock:
             if request_id in self._live:
                 raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
@@ -144,7 +147,7 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids entries must be in [0, {vocab}), got {bad}")
-        sampling.validate()
+        sampling.validate(vocab)
         stopping.validate(vocab, self.max_model_len)
         if len(prompt_ids) + stopping.max_new_tokens > self.max_model_len:
             raise ValueError(
@@ -232,6 +235,8 @@ class LLMEngine:
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if len(seq.output_ids) < seq.stopping.min_tokens:  # (<= max_new_tokens: no LENGTH yet)
+            return None   # eos / stop ids were masked in the sampler anyway
         if token in self.eos_ids and not seq.stopping.ignore_eos:
             return FinishReason.EOS
         if token in seq.stopping.stop_token_ids:

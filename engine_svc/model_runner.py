@@ -176,9 +176,11 @@ class ModelRunner:
             if seq.sampler_state is None and seq.sampling.seed is not None:
                 seq.sampler_state = torch.Generator(self.device).manual_seed(seq.sampling.seed)
         params = [s.sampling for s in seqs]
+        biases = [s.step_logit_bias() for s in seqs]   # logit_bias, min_tokens bans; mostly None
         return self.sampler(logits, params, [s.sampler_state for s in seqs],
                             [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
-                            need_logprobs=any(p.top_logprobs for p in params))
+                            need_logprobs=any(p.top_logprobs for p in params),
+                            logit_bias=biases if any(biases) else None)
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[ScheduledChunk]]:
         chunks = plan.chunks

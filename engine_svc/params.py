@@ -12,6 +12,9 @@ from enum import Enum
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
 MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
+MAX_SAMPLES = 16
 
 
 class FinishReason(str, Enum):
@@ -42,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -52,8 +56,9 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first field that is out of range (logit_bias keys are
+        checked against vocab_size when it is given)."""
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             _check_finite(name, getattr(self, name))
@@ -77,6 +82,23 @@ class SamplingParams:
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        _validate_logit_bias(self.logit_bias, vocab_size)
+
+
+def _validate_logit_bias(bias: dict[int, float], vocab_size: int | None) -> None:
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+                         f"got {len(bias)}")
+    limit = vocab_size if vocab_size is not None else 2**32
+    for token_id, value in bias.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, int) \
+                or not 0 <= token_id < limit:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {limit}), "
+                             f"got {token_id!r}")
+        if not isinstance(value, (int, float)) or math.isnan(value) \
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{token_id}] must be in [-{MAX_LOGIT_BIAS:g}, "
+                             f"{MAX_LOGIT_BIAS:g}], got {value!r}")
 
 
 @dataclass(slots=True)
@@ -86,12 +108,16 @@ class StoppingParams:
     max_new_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0     # eos and stop_token_ids are banned until this many tokens exist
 
     def validate(self, vocab_size: int, max_new_tokens_limit: int) -> None:
         """Raise ValueError naming the first field that is out of range."""
         if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
             raise ValueError(
                 f"max_new_tokens must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_new_tokens ({self.max_new_tokens})], "
+                             f"got {self.min_tokens}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids holds at most {MAX_STOP_TOKEN_IDS} ids, "
                              f"got {len(self.stop_token_ids)}")

@@ -1,6 +1,8 @@
 """Next-token sampling for a batch of rows, each with its own SamplingParams.
 
 Order of operations per row (greedy rows stop after step 1):
+  0. logit bias: the request's logit_bias plus -inf on eos/stop ids before min_tokens (only
+     rows that have one; a batch without any skips it)
   1. penalties (repetition over prompt+output, presence/frequency over output) -> greedy argmax
   2. temperature scaling
   3. top-k and top-p (one sort; one topk if every row has a top_k), then min-p (vs the top token)
@@ -9,13 +11,14 @@ Order of operations per row (greedy rows stop after step 1):
 
 Seeded rows draw their noise ([vocab] per step) from their own generator, so a seeded row yields
 the same tokens whatever batch it sits in; unseeded rows share the sampler's generator. The
-returned logprobs describe the model's raw distribution (log-softmax of the unmodified logits).
+returned logprobs describe the model's distribution after step 0 (log-softmax of the logits
+plus the logit bias: a banned token has logprob -inf), before penalties and temperature.
 Rows' params are assumed already validated (SamplingParams.validate at admission).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,9 +62,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  prompt_ids: list[Sequence[int]],
-                 output_ids: list[Sequence[int]], need_logprobs: bool = True) -> SamplerOutput:
-        """Sample one token per row; `need_logprobs=False` skips the log-softmax work."""
+                 output_ids: list[Sequence[int]], need_logprobs: bool = True,
+                 logit_bias: Sequence[Mapping[int, float] | None] | None = None
+                 ) -> SamplerOutput:
+        """Sample one token per row; `need_logprobs=False` skips the log-softmax work.
+
+        logit_bias: per row, token id -> value added to its logit (-inf bans it), or None.
+        """
         raw = self._checked_logits(logits, params, generators, prompt_ids, output_ids)
+        if logit_bias is not None:
+            raw = apply_logit_bias(raw, logit_bias)
         any_penalty = any(p.has_penalties for p in params)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not any_penalty:
@@ -162,6 +172,29 @@ def _filter(scores: torch.Tensor, sampling: list[SamplingParams]) -> torch.Tenso
         min_p = _row_tensor([p.min_p for p in sampling], torch.float32, device)
         scores = mask_min_p(scores, min_p)
     return scores
+
+
+def apply_logit_bias(logits: torch.Tensor,
+                     biases: Sequence[Mapping[int, float] | None]) -> torch.Tensor:
+    """logits [batch, vocab] plus each row's bias (a copy; the input itself when no row has one).
+
+    Token ids must be < vocab (validated at admission). One scatter over all biased entries.
+    """
+    if len(biases) != logits.shape[0]:
+        raise ValueError(f"logit_bias must have one entry per logits row ({logits.shape[0]}), "
+                         f"got {len(biases)}")
+    rows = [i for i, bias in enumerate(biases) if bias]
+    if not rows:
+        return logits
+    sizes = [len(biases[i]) for i in rows]
+    row_index = np.repeat(np.asarray(rows, dtype=np.int64), sizes)  # [entries]
+    token_index = np.fromiter((t for i in rows for t in biases[i]), np.int64, sum(sizes))
+    values = np.fromiter((v for i in rows for v in biases[i].values()), np.float32, sum(sizes))
+    biased = logits.clone()
+    biased.index_put_((_to_device(torch.from_numpy(row_index), logits.device),
+                       _to_device(torch.from_numpy(token_index), logits.device)),
+                      _to_device(torch.from_numpy(values), logits.device), accumulate=True)
+    return biased
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],

@@ -35,6 +35,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     sampler_state: object = None        # the model runner's per-request state (seeded generator)
+    stop_ids_banned: tuple[int, ...] = ()  # ids masked until min_tokens exist (eos + stop ids)
     first_token_time: float | None = None
     last_token_time: float | None = None
     _rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
@@ -60,6 +61,14 @@ class Sequence:
         if start >= prompt_len:
             return self.output_ids[start - prompt_len:stop - prompt_len]
         return self.prompt_ids[start:] + self.output_ids[:stop - prompt_len]
+
+    def step_logit_bias(self) -> dict[int, float] | None:
+        """What the sampler adds to this row's logits now: the request's logit_bias, and -inf on
+        `stop_ids_banned` while fewer than min_tokens tokens were generated (None: nothing)."""
+        bias = self.sampling.logit_bias
+        if not self.stop_ids_banned or len(self.output_ids) >= self.stopping.min_tokens:
+            return bias or None
+        return {**bias, **dict.fromkeys(self.stop_ids_banned, float("-inf"))}
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -35,14 +35,16 @@ _FINISH_TO_PROTO = {
 }
 
 
-def _sampling_from_proto(msg: generate_pb2.SamplingParams, top_logprobs: int) -> SamplingParams:
+def _sampling_from_proto(request: engine_pb2.EngineGenerateRequest) -> SamplingParams:
+    msg = request.sampling
     return SamplingParams(
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k, min_p=msg.min_p,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        seed=msg.seed if msg.HasField("seed") else None, top_logprobs=top_logprobs)
+        seed=msg.seed if msg.HasField("seed") else None, top_logprobs=request.top_logprobs,
+        logit_bias=dict(request.logit_bias))
 
 
 def _response(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
@@ -91,10 +93,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                     f"engine loop crashed ({self.engine_loop.error!r}); the "
                                     f"engine is shutting down")
             try:
-                sampling = _sampling_from_proto(request.sampling, request.top_logprobs)
+                sampling = _sampling_from_proto(request)
                 stopping = StoppingParams(max_new_tokens=request.max_new_tokens,
                                           stop_token_ids=list(request.stop_token_ids),
-                                          ignore_eos=request.ignore_eos)
+                                          ignore_eos=request.ignore_eos,
+                                          min_tokens=request.min_tokens)
                 self.engine_loop.metrics.on_request_added(request_id)
                 self.engine.add_request(request_id, list(request.prompt_token_ids), sampling,
                                         stopping)
