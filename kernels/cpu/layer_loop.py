@@ -5,6 +5,11 @@ would call, in its order and on the same values, so logits are identical; it sav
 Python, ctypes crossings and tensor allocations. Taken when the projections are packed for the C
 bf16 kernel and the model runs on the CPU ops; LLMSERVE_CPU_LAYERS=python keeps the Python loop.
 tests/engine/test_native_layers.py holds the two loops to bit-for-bit equality.
+
+Where the measured GEMM choice (kernels/cpu/gemm_choice.py) picks oneDNN for a projection at
+the step's row count, the C loop calls back into Python for that projection (oneDNN on the
+weight's twin, as `linear.chosen_linear` does in the Python loop): one ctypes callback per
+layer and projection, only at the row counts where oneDNN won.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from kernels.model_view import KVCacheView, ModelConfigView, ModelWeightsView, S
 _ERRORS = {-1: (IndexError, "a pool row of a new token is outside the pool"),
            -2: (IndexError, "a position is outside the RoPE table"),
            -3: (IndexError, "a slot or sequence length is outside the request table"),
-           -4: (RuntimeError, "pool attention: unsupported sizes or out of memory")}
+           -4: (RuntimeError, "pool attention: unsupported sizes or out of memory"),
+           -5: (RuntimeError, "a projection through oneDNN failed")}
 
 
 class NativeLayerLoop:
@@ -31,6 +37,11 @@ class NativeLayerLoop:
         self.config, self.weights, self.scale, self.lib = config, weights, scale, lib
         self.cos_sin = cos_sin   # [max_positions, head_dim] fp32
         self._bound: tuple[KVCacheView, ctypes.Array, native.LayerStack] | None = None
+        # per projection (forward_layers.c's order): the plans of every layer, or None
+        self.plans = [_layer_plans(weights, name) for name in linear.PROJECTIONS]
+        self._io: list[tuple[Tensor, Tensor]] = []   # this step's (x, y) per projection
+        self._hook_error: BaseException | None = None
+        self._hook = native.GemmHook(self._run_hook)   # kept alive with the loop
 
     @classmethod
     def create(cls, config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
@@ -41,7 +52,8 @@ class NativeLayerLoop:
         KernelOps offers it (the Triton backend's layer_loop is always None)."""
         if os.environ.get("LLMSERVE_CPU_LAYERS", "native") == "python":
             return None
-        if linear.linear_for(weights.lm_head) is not linear.native_linear:
+        if linear.linear_for(weights.lm_head) not in (linear.native_linear,
+                                                      linear.chosen_linear):
             return None   # not packed by linear.pack_native (all or none are)
         for layer in weights.layers:
             for vector in (layer.input_norm, layer.post_norm, layer.qkv_bias):
@@ -100,14 +112,37 @@ class NativeLayerLoop:
         qkv = scratch(q_size + 2 * cfg.num_kv_heads * cfg.head_dim)
         attn, gate_up, act = (scratch(q_size), scratch(2 * cfg.intermediate_size),
                               scratch(cfg.intermediate_size))
+        hooked = self.hooked_mask(tokens)
         step = native.StepTensors(tokens, *(t.data_ptr() for t in (
             positions, out_rows, slots, seq_lens, hidden, residual, normed, qkv, attn, gate_up,
-            act)))
-        status = self.lib.forward_layers(ctypes.byref(stack), layers, ctypes.byref(step))
+            act)), hooked, ctypes.cast(self._hook, ctypes.c_void_p) if hooked else None)
+        # (x, y) of qkv, o, gate_up, down, as forward_layers.c passes them to gemm_bf16
+        self._io = [(normed, qkv), (attn, hidden), (normed, gate_up), (act, hidden)]
+        self._hook_error = None
+        try:
+            status = self.lib.forward_layers(ctypes.byref(stack), layers, ctypes.byref(step))
+        finally:
+            self._io = []
         if status:
             error, message = _ERRORS.get(status, (RuntimeError, f"status {status}"))
-            raise error(f"forward_layers: {message}")
+            raise error(f"forward_layers: {message}") from self._hook_error
         return hidden, residual
+
+    def hooked_mask(self, rows: int) -> int:
+        """Bit i set: projection i (qkv, o, gate_up, down) goes to oneDNN at this row count."""
+        return sum(1 << which for which, plans in enumerate(self.plans)
+                   if plans is not None and plans[0].picks_onednn(rows))
+
+    def _run_hook(self, layer: int, which: int) -> int:
+        """forward_layers' callback: projection `which` of `layer` through oneDNN."""
+        try:
+            x, y = self._io[which]
+            bias = self.weights.layers[layer].qkv_bias if which == 0 else None
+            y.copy_(linear.packed_linear(x, self.plans[which][layer].onednn, bias))
+            return 0
+        except BaseException as error:   # noqa: BLE001 - C cannot take it: re-raised in run
+            self._hook_error = error
+            return 1
 
     @staticmethod
     def _queries(batch: StepBatchView, tokens: int) -> tuple[Tensor, Tensor]:
@@ -120,6 +155,14 @@ class NativeLayerLoop:
                                                          batch.cu_new_lens, tokens - nd)
             slots, seq_lens = torch.cat([slots, token_slots]), torch.cat([seq_lens, visible])
         return slots.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
+
+
+def _layer_plans(weights: ModelWeightsView, name: str) -> list[linear.ProjectionPlan] | None:
+    """Every layer's plan for projection `name`, or None when that shape has no oneDNN twins."""
+    plans = [linear.plan_of(getattr(layer, name)) for layer in weights.layers]
+    if any(plan is None or plan.onednn is None for plan in plans):
+        return None
+    return plans  # type: ignore[return-value]
 
 
 def _ptr(tensor: Tensor | None) -> int | None:

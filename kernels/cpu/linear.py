@@ -9,20 +9,26 @@ AVX512-BF16, 30 distinct 3072x576 weights): 2.1x faster at 1 row, 1.8x at 32 row
 
 The C kernel (`pack_native` + `native_linear`) is faster again than the reordered oneDNN weights
 on AVX512-BF16 CPUs (bench/cpu_gemm.py: 1.4x at 1 row, 1.24x at 32, 1.04x at 2048); it needs
-out_features % 16 == 0 and in_features even. LLMSERVE_CPU_GEMM=onednn keeps oneDNN.
+out_features % 16 == 0 and in_features even.
+
+Which one runs is decided per projection shape and row bucket by measurement at load
+(kernels/cpu/gemm_choice.py): every projection is packed for the C kernel, and the shapes where
+oneDNN wins some bucket (with AMX: from ~32 rows) also keep a oneDNN copy (that shape's
+weights held twice); `chosen_linear` picks per call by the row count. LLMSERVE_CPU_GEMM=native
+or =onednn skips the measurement and packs for that one only (the default is auto).
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu import native
+from kernels.cpu import gemm_choice, native
 from kernels.model_view import LinearFn, ModelWeightsView
 
 log = logging.getLogger(__name__)
@@ -56,10 +62,22 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+GEMM_MODES = ("auto", "native", "onednn")
+
+
+def gemm_mode() -> str:
+    """LLMSERVE_CPU_GEMM: auto (default: measure per shape and rows), native or onednn."""
+    mode = os.environ.get("LLMSERVE_CPU_GEMM", "auto") or "auto"
+    if mode not in GEMM_MODES:
+        log.warning("LLMSERVE_CPU_GEMM=%s is not one of %s; using auto", mode, GEMM_MODES)
+        return "auto"
+    return mode
+
+
 def native_available() -> bool:
     """True where the C bf16 kernel is built with AVX512-BF16 and not turned off
     (LLMSERVE_CPU_GEMM=onednn, or LLMSERVE_NATIVE=0 for every C kernel)."""
-    if os.environ.get("LLMSERVE_CPU_GEMM", "native") == "onednn":
+    if gemm_mode() == "onednn":
         return False
     lib = native.load()
     return lib is not None and bool(lib.gemm_bf16_available())
@@ -98,11 +116,42 @@ def native_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
     return native.gemm_bf16(lib, x, packed, bias.contiguous() if bias is not None else None)
 
 
+PLAN_ATTR = "llmserve_gemm_plan"   # attribute of a C-packed weight that has a oneDNN twin
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # forward_layers.c's order
+
+
+@dataclass(slots=True)
+class ProjectionPlan:
+    """A C-packed weight's oneDNN twin and, per row bucket (gemm_choice.BUCKET_ROWS), whether
+    oneDNN runs it (never where there is no twin: the shape's C kernel won every bucket)."""
+
+    onednn: Tensor | None         # the same weight reordered by `prepack`, or None
+    use_onednn: tuple[bool, ...]  # one per bucket
+
+    def picks_onednn(self, rows: int) -> bool:
+        """Whether a product over `rows` rows goes to oneDNN."""
+        return self.use_onednn[gemm_choice.bucket_index(rows)]
+
+
+def plan_of(weight: Tensor) -> ProjectionPlan | None:
+    """The plan attached to a C-packed weight by `prepare_weights`, or None."""
+    return weight.__dict__.get(PLAN_ATTR)
+
+
+def chosen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """As native_linear, but through the weight's oneDNN twin where its plan picks oneDNN for
+    x's row count."""
+    plan = weight.__dict__.get(PLAN_ATTR)
+    if plan is not None and plan.use_onednn[gemm_choice.bucket_index(x.shape[0])]:
+        return packed_linear(x, plan.onednn, bias)
+    return native_linear(x, weight, bias)
+
+
 def linear_for(weight: Tensor) -> LinearFn:
-    """The linear function for weights like this one: native_linear for a 3-D packed weight,
-    packed_linear for a oneDNN one, else F.linear."""
+    """The linear function for weights like this one: chosen_linear for a 3-D packed weight with
+    a plan, native_linear for one without, packed_linear for a oneDNN one, else F.linear."""
     if weight.dim() == 3:
-        return native_linear
+        return chosen_linear if plan_of(weight) is not None else native_linear
     return packed_linear if weight.is_mkldnn else F.linear
 
 
@@ -116,17 +165,86 @@ def _pack_for(weights: ModelWeightsView) -> Callable[[Tensor], Tensor] | None:
     return prepack if can_prepack(weights.lm_head) else None
 
 
+def _by_shape(weights: ModelWeightsView) -> dict[str, list[Tensor]]:
+    """Shape name (qkv, o, gate_up, down, lm_head) -> that projection of every layer."""
+    shapes = {name.removesuffix("_proj"): [getattr(layer, name) for layer in weights.layers]
+              for name in PROJECTIONS}
+    shapes["lm_head"] = [weights.lm_head]
+    return shapes
+
+
+def _candidates(plain: dict[str, list[Tensor]],
+                packed: dict[str, list[Tensor]]) -> list[gemm_choice.ShapeCandidates]:
+    """What gemm_choice times: the model's own weights, oneDNN twins made on first use."""
+    out = []
+    for name, weights in plain.items():
+        out_features, in_features = weights[0].shape
+        twins: dict[int, Tensor] = {}
+
+        def run_onednn(x: Tensor, i: int, weights=weights, twins=twins) -> Tensor:
+            if i not in twins:
+                twins[i] = prepack(weights[i])
+            return packed_linear(x, twins[i])
+
+        out.append(gemm_choice.ShapeCandidates(
+            name, out_features, in_features, len(weights),
+            run_native=lambda x, i, natives=packed[name]: native_linear(x, natives[i]),
+            run_onednn=run_onednn,
+            make_x=lambda rows, width=in_features: torch.randn(rows, width,
+                                                               dtype=torch.bfloat16),
+            max_rows=gemm_choice.LM_HEAD_MAX_ROWS if name == "lm_head" else
+            gemm_choice.BUCKET_ROWS[-1]))
+    return out
+
+
+def choose_gemms(plain: dict[str, list[Tensor]],
+                 packed: dict[str, list[Tensor]]) -> gemm_choice.GemmTable:
+    """Measure (or read from the cache) which GEMM each shape uses per bucket; log the table."""
+    lib = native.load()   # its file name hashes the C sources, flags and CPU
+    identity = {**gemm_choice.cpu_identity(), "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "native_lib": os.path.basename(lib._name) if lib is not None else None,
+                "shapes": {name: list(w[0].shape) for name, w in plain.items()},
+                "layers": len(plain["qkv"])}
+    table = gemm_choice.choose(_candidates(plain, packed), identity,
+                               native.cache_dir().parent / "gemm_choice")
+    log.info("%s", gemm_choice.format_table(table))
+    return table
+
+
+def _attach_plans(plain: dict[str, list[Tensor]], packed: dict[str, list[Tensor]],
+                  table: gemm_choice.GemmTable) -> None:
+    """Where oneDNN wins anywhere, every C-packed weight gets a plan (so the one linear the
+    model takes, `chosen_linear`, consults it); only the shapes it wins get oneDNN twins."""
+    if not any(table.uses_onednn(name) for name in plain):
+        return
+    for name, weights in plain.items():
+        use = tuple(choice == gemm_choice.ONEDNN for choice in table.shapes[name].choices())
+        for plain_weight, native_weight in zip(weights, packed[name]):
+            twin = prepack(plain_weight) if any(use) else None
+            setattr(native_weight, PLAN_ATTR, ProjectionPlan(twin, use))
+
+
 def prepare_weights(weights: WeightsT) -> WeightsT:
     """The same weights with every projection (and the LM head) packed once for a faster bf16
     product (the C kernel, else oneDNN); embeddings and norms stay plain. Weights neither takes
     (fp32, not on CPU, or a torch without oneDNN) come back unchanged; `linear_for` then gives
-    the product that fits."""
+    the product that fits. With the C kernel and LLMSERVE_CPU_GEMM=auto, the shapes where
+    oneDNN measured faster at some row bucket get oneDNN twins (`chosen_linear`)."""
     pack = _pack_for(weights)
     if pack is None:
         return weights
     layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
                       gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
               for layer in weights.layers]
-    log.info("bf16 projections packed once for %s (kernels/cpu/linear.py)",
-             "the AVX512-BF16 C kernel" if pack is pack_native else "oneDNN")
-    return replace(weights, layers=layers, lm_head=pack(weights.lm_head))
+    packed_weights = replace(weights, layers=layers, lm_head=pack(weights.lm_head))
+    chosen = ""
+    if pack is pack_native and gemm_mode() == "auto" and can_prepack(weights.lm_head):
+        plain, packed = _by_shape(weights), _by_shape(packed_weights)
+        table = choose_gemms(plain, packed)
+        _attach_plans(plain, packed, table)
+        twins = [name for name in plain if table.uses_onednn(name)]
+        chosen = f"; oneDNN twins for {', '.join(twins)}" if twins else "; oneDNN wins nowhere"
+    log.info("bf16 projections packed once for %s (kernels/cpu/linear.py)%s",
+             "the AVX512-BF16 C kernel" if pack is pack_native else "oneDNN", chosen)
+    return packed_weights

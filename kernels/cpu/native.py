@@ -144,7 +144,11 @@ class StepTensors(ctypes.Structure):
 
     _fields_ = [("tokens", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
         "positions", "out_rows", "slots", "seq_lens", "hidden", "residual", "normed", "qkv",
-        "attn", "gate_up", "act")]
+        "attn", "gate_up", "act")] + [("hooked", ctypes.c_int64), ("hook", ctypes.c_void_p)]
+
+
+# gemm_hook in forward_layers.c: (layer, which projection) -> 0 on success
+GemmHook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

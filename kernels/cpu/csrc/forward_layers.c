@@ -12,6 +12,9 @@
  * (a decode step here: 32.2 -> 28.4 ms for 32 requests, 12.6 -> 8.7 ms for one).
  * Decode and prefill tokens are alike to the attention kernel: each token is a query over the
  * first seq_lens[t] tokens of its table row.
+ * A projection whose bit is set in step->hooked runs through step->hook instead of gemm_bf16:
+ * kernels/cpu/layer_loop.py sets it where the measured choice (kernels/cpu/gemm_choice.py)
+ * picks oneDNN for this step's row count, so the Python loop and this one run the same GEMMs.
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,6 +39,11 @@ typedef struct {
     int64_t max_positions;
 } layer_stack;
 
+/* a projection run outside the C kernel: (layer, which: 0 qkv, 1 o, 2 gate_up, 3 down) reads
+ * its input from and writes its output to the step's tensors, as gemm_bf16 would; 0 on success */
+typedef int (*gemm_hook)(int64_t layer, int64_t which);
+enum { PROJ_QKV, PROJ_O, PROJ_GATE_UP, PROJ_DOWN };
+
 /* one step: its tokens and the bf16 scratch tensors (all contiguous) */
 typedef struct {
     int64_t tokens;
@@ -48,11 +56,22 @@ typedef struct {
     void *attn;        /* [tokens, q_heads * head_dim] */
     void *gate_up;     /* [tokens, 2 * inter] */
     void *act;         /* [tokens, inter] */
+    int64_t hooked;    /* bit `which` set: that projection goes to hook */
+    gemm_hook hook;    /* NULL when hooked is 0 */
 } step_tensors;
+
+/* y = x @ W^T (+ bias) through the C kernel, or through the hook where the step says so */
+static int project(const step_tensors *s, int64_t layer, int which, const uint16_t *x,
+                   int64_t x_stride, const void *packed, const void *bias, uint16_t *y,
+                   int64_t out, int64_t in) {
+    if ((s->hooked >> which) & 1) return s->hook(layer, which) ? -5 : 0;
+    gemm_bf16(x, x_stride, packed, bias, y, out, s->tokens, out, in);
+    return 0;
+}
 
 /* Returns 0; else where the first failing kernel stopped: -1 a pool row, -2 a position
  * (rope_store_kv: nothing of that layer written), -3 a slot or seq_len outside the table,
- * -4 sizes pool_attention does not take or out of memory. */
+ * -4 sizes pool_attention does not take or out of memory, -5 the hook failed. */
 int forward_layers(const layer_stack *m, const layer_tensors *layers, const step_tensors *s) {
     const int64_t n = s->tokens, q_size = m->q_heads * m->head_dim;
     const int64_t kv_size = m->kv_heads * m->head_dim, qkv_width = q_size + 2 * kv_size;
@@ -67,8 +86,9 @@ int forward_layers(const layer_stack *m, const layer_tensors *layers, const step
             rms_norm(hidden, s->residual, w->input_norm, normed, s->residual, n, m->hidden,
                      m->eps, 1);
         }
-        gemm_bf16(normed, m->hidden, w->qkv_proj, w->qkv_bias, qkv, qkv_width, n, qkv_width,
-                  m->hidden);
+        int rc = project(s, l, PROJ_QKV, normed, m->hidden, w->qkv_proj, w->qkv_bias, qkv,
+                         qkv_width, m->hidden);
+        if (rc != 0) return rc;
         const new_qkv fresh = {qkv, qkv + q_size, qkv + q_size + kv_size, qkv_width, m->head_dim,
                                qkv_width, m->head_dim, qkv_width, m->head_dim, n, m->q_heads,
                                m->kv_heads, m->head_dim};
@@ -83,12 +103,16 @@ int forward_layers(const layer_stack *m, const layer_tensors *layers, const step
             s->seq_lens, (int)n, (int)m->q_heads, (int)m->kv_heads, (int)m->head_dim, m->scale,
             attn);
         if (attended != 0) return attended == -2 ? -3 : -4;
-        gemm_bf16(attn, q_size, w->o_proj, NULL, hidden, m->hidden, n, m->hidden, q_size);
+        rc = project(s, l, PROJ_O, attn, q_size, w->o_proj, NULL, hidden, m->hidden, q_size);
+        if (rc != 0) return rc;
         rms_norm(hidden, s->residual, w->post_norm, normed, s->residual, n, m->hidden, m->eps, 1);
-        gemm_bf16(normed, m->hidden, w->gate_up_proj, NULL, gate_up, 2 * m->inter, n,
-                  2 * m->inter, m->hidden);
+        rc = project(s, l, PROJ_GATE_UP, normed, m->hidden, w->gate_up_proj, NULL, gate_up,
+                     2 * m->inter, m->hidden);
+        if (rc != 0) return rc;
         silu_and_mul(gate_up, 2 * m->inter, act, n, m->inter, 1);
-        gemm_bf16(act, m->inter, w->down_proj, NULL, hidden, m->hidden, n, m->hidden, m->inter);
+        rc = project(s, l, PROJ_DOWN, act, m->inter, w->down_proj, NULL, hidden, m->hidden,
+                     m->inter);
+        if (rc != 0) return rc;
     }
     return 0;
 }

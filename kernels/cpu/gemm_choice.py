@@ -1,0 +1,277 @@
+"""Which bf16 GEMM each projection shape uses at each row count, decided by measurement.
+
+At engine start (kernels/cpu/linear.py `prepare_weights`) every projection shape of the model
+(qkv, o, gate_up, down, lm_head) is timed at the row buckets 1, 8, 32, 256, 2048 on the model's
+own weights, through both candidates: the C AVX512-BF16 kernel (csrc/gemm_bf16.c) and oneDNN on
+reordered weights (which uses AMX tiles where the CPU has them). Per bucket the faster one is
+kept, with the C kernel as the incumbent: oneDNN must win by MARGIN on the median of paired,
+alternating runs. A step of `rows` rows uses the bucket nearest to it on a log scale.
+
+Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
+forward pass reads them (memory-bound); big ones time two layers (compute-bound). lm_head is
+not timed at 2048 rows (it sees one row per request) and takes its 256-row choice there.
+
+The table is cached per CPU model, flags, torch version, thread count, C library build and
+shapes under the cache dir (~/.cache/llmserve/gemm_choice/), so only the first start pays the
+~1-3 s of timing; LLMSERVE_GEMM_CACHE=0 measures anew and stores nothing. A table whose runs
+were spread wide (median >= NOISY_SPREAD x fastest: a busy machine) is used but not cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUCKET_ROWS: tuple[int, ...] = (1, 8, 32, 256, 2048)
+NATIVE, ONEDNN = "native", "onednn"
+MARGIN = 0.05            # oneDNN must be this much faster (paired median) to replace the C kernel
+MEMORY_BOUND_ROWS = 32   # up to here weights stream from memory: rotate over many layers
+LM_HEAD_MAX_ROWS = 256   # lm_head sees one row per request: not timed beyond this
+CHOOSER_VERSION = 1      # part of the cache key: bump when the method changes
+NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
+
+
+@dataclass(slots=True)
+class BucketTiming:
+    """Seconds per call of each candidate at one bucket, paired runs in order, and the pick."""
+
+    rows: int
+    native_s: list[float]
+    onednn_s: list[float]
+    choice: str = NATIVE
+    measured: bool = True   # False: copied from a smaller bucket (lm_head at 2048)
+
+    def noisy(self) -> bool:
+        """Whether either candidate's median run took NOISY_SPREAD x its fastest or more."""
+        return self.measured and any(
+            times and statistics.median(times) >= NOISY_SPREAD * min(times)
+            for times in (self.native_s, self.onednn_s))
+
+
+@dataclass(slots=True)
+class ShapeChoice:
+    """One projection shape's choice per bucket."""
+
+    name: str
+    out_features: int
+    in_features: int
+    buckets: list[BucketTiming] = field(default_factory=list)
+
+    def choices(self) -> list[str]:
+        """The implementation per bucket, in BUCKET_ROWS order."""
+        return [b.choice for b in self.buckets]
+
+
+@dataclass(slots=True)
+class GemmTable:
+    """The whole model's choice: shape name -> ShapeChoice, where it came from and its cost."""
+
+    shapes: dict[str, ShapeChoice]
+    source: str             # "measured" | "cached" | "env"
+    seconds: float = 0.0    # spent timing (0 when cached)
+
+    def noisy(self) -> bool:
+        """Whether any bucket's runs were spread wide (a busy machine): then not cached."""
+        return any(b.noisy() for shape in self.shapes.values() for b in shape.buckets)
+
+    def uses_onednn(self, name: str) -> bool:
+        """Whether any bucket of this shape picks oneDNN."""
+        return ONEDNN in self.shapes[name].choices()
+
+
+@dataclass(slots=True)
+class ShapeCandidates:
+    """What to time for one shape: one call of each candidate on weight i (i < len(onednn))."""
+
+    name: str
+    out_features: int
+    in_features: int
+    layers: int                                   # distinct weights available to rotate over
+    run_native: Callable[[object, int], object]   # (x, weight index) -> y
+    run_onednn: Callable[[object, int], object]
+    make_x: Callable[[int], object]               # rows -> x [rows, in]
+    max_rows: int = BUCKET_ROWS[-1]
+
+
+def bucket_index(rows: int) -> int:
+    """The bucket nearest to `rows` on a log scale (bounds at the geometric means)."""
+    for index in range(len(BUCKET_ROWS) - 1):
+        if rows * rows < BUCKET_ROWS[index] * BUCKET_ROWS[index + 1]:
+            return index
+    return len(BUCKET_ROWS) - 1
+
+
+def decide(native_s: Sequence[float], onednn_s: Sequence[float], margin: float = MARGIN) -> str:
+    """oneDNN when both the median of the paired ratios (onednn / native, run i against run i)
+    and the ratio of the medians are below 1 - margin; else the C kernel."""
+    if not native_s or len(native_s) != len(onednn_s) or min(native_s) <= 0:
+        return NATIVE
+    paired = statistics.median(o / n for n, o in zip(native_s, onednn_s))
+    of_medians = statistics.median(onednn_s) / statistics.median(native_s)
+    return ONEDNN if max(paired, of_medians) < 1.0 - margin else NATIVE
+
+
+def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[float]]:
+    """Alternating timed runs of a and b after one warm-up each (a, b, a, b, ...)."""
+    run_a()
+    run_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for run, times in ((run_a, times_a), (run_b, times_b)):
+            start = clock()
+            run()
+            times.append(clock() - start)
+    return times_a, times_b
+
+
+def rotation(layers: int, out_features: int, in_features: int, rows: int,
+             cache_bytes: int) -> int:
+    """How many distinct weights a timed run goes through: enough to spill the last-level
+    cache twice over in the memory-bound buckets, two in the compute-bound ones."""
+    if rows > MEMORY_BOUND_ROWS:
+        return min(2, layers)
+    weight_bytes = 2 * out_features * in_features
+    return max(1, min(layers, math.ceil(2 * cache_bytes / weight_bytes)))
+
+
+def measure_shape(shape: ShapeCandidates, cache_bytes: int,
+                  clock: Callable[[], float] = time.perf_counter) -> ShapeChoice:
+    """Time both candidates at every bucket up to shape.max_rows and pick per bucket."""
+    result = ShapeChoice(shape.name, shape.out_features, shape.in_features)
+    for rows in BUCKET_ROWS:
+        if rows > shape.max_rows:
+            last = result.buckets[-1]
+            result.buckets.append(BucketTiming(rows, last.native_s, last.onednn_s, last.choice,
+                                               measured=False))
+            continue
+        count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
+        x = shape.make_x(rows)
+
+        def run_native() -> None:
+            for i in range(count):
+                shape.run_native(x, i)
+
+        def run_onednn() -> None:
+            for i in range(count):
+                shape.run_onednn(x, i)
+
+        repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
+        native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock)
+        native_s = [t / count for t in native_s]
+        onednn_s = [t / count for t in onednn_s]
+        result.buckets.append(BucketTiming(rows, native_s, onednn_s, decide(native_s, onednn_s)))
+    return result
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size from sysfs (32 MiB when unreadable)."""
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            largest = max(largest, int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return largest or 32 << 20
+
+
+def cpu_identity() -> dict[str, str]:
+    """The CPU's model name and feature flags (from /proc/cpuinfo)."""
+    model, flags = "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def cache_key(identity: dict[str, object]) -> str:
+    """The file name part for a table measured under `identity` (any JSON-able fields)."""
+    blob = json.dumps({**identity, "chooser": CHOOSER_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _table_from_json(data: dict) -> GemmTable:
+    shapes = {}
+    for name, shape in data["shapes"].items():
+        buckets = [BucketTiming(**bucket) for bucket in shape.pop("buckets")]
+        shapes[name] = ShapeChoice(**shape, buckets=buckets)
+    return GemmTable(shapes, source="cached")
+
+
+def load_cached(path: Path, names: Sequence[str]) -> GemmTable | None:
+    """The table stored at path, or None (absent, unreadable, or missing a shape)."""
+    try:
+        table = _table_from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = set(table.shapes) >= set(names) and all(
+        len(table.shapes[n].buckets) == len(BUCKET_ROWS) for n in names)
+    return table if ok else None
+
+
+def store(path: Path, table: GemmTable, identity: dict[str, object]) -> None:
+    """Write the table atomically (a failure to write is logged, never raised)."""
+    data = {"identity": identity, "measured_seconds": table.seconds,
+            "shapes": {name: asdict(shape) for name, shape in table.shapes.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(data, indent=1))
+        os.replace(scratch, path)
+    except OSError as error:
+        log.warning("could not cache the GEMM choice at %s: %s", path, error)
+
+
+def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], cache_dir: Path,
+           cache_bytes: int | None = None,
+           clock: Callable[[], float] = time.perf_counter) -> GemmTable:
+    """The table for these shapes: from the cache when one matches, else measured (and stored)."""
+    path = cache_dir / f"{cache_key(identity)}.json"
+    use_cache = os.environ.get("LLMSERVE_GEMM_CACHE", "1") != "0"
+    names = [c.name for c in candidates]
+    if use_cache and (cached := load_cached(path, names)) is not None:
+        return cached
+    started = time.perf_counter()
+    llc = cache_bytes if cache_bytes is not None else last_level_cache_bytes()
+    table = GemmTable({c.name: measure_shape(c, llc, clock) for c in candidates},
+                      source="measured")
+    table.seconds = time.perf_counter() - started
+    if table.noisy():
+        log.warning("GEMM timings were noisy (a busy machine?): this choice is used but not "
+                    "cached, the next start measures again")
+    elif use_cache:
+        store(path, table, identity)
+    return table
+
+
+def format_table(table: GemmTable) -> str:
+    """shape x bucket -> choice with both times (ms, medians), one line per shape."""
+    head = f"{'shape':<10}{'out x in':>13}" + "".join(f"{r:>24}" for r in BUCKET_ROWS)
+    lines = [f"bf16 GEMM choice ({table.source}"
+             + (f", {table.seconds:.2f} s" if table.source == "measured" else "")
+             + "): rows -> pick (C ms / oneDNN ms)", head]
+    for shape in table.shapes.values():
+        cells = []
+        for b in shape.buckets:
+            times = (f"{statistics.median(b.native_s) * 1e3:.3f}/"
+                     f"{statistics.median(b.onednn_s) * 1e3:.3f}") if b.measured else "as 256"
+            cells.append(f"{'C' if b.choice == NATIVE else 'oneDNN'} {times}")
+        lines.append(f"{shape.name:<10}{f'{shape.out_features}x{shape.in_features}':>13}"
+                     + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
