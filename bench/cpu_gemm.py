@@ -5,8 +5,11 @@ weights come from memory as in a forward pass; lm_head once) and each row count 
 stream, 32 = a decode batch, 2048 = a prefill chunk), times oneDNN on its once-reordered weights
 (what the engine used before) and the C kernel on its packed weights, alternating, best of
 --repeats. Prints ms, GFLOP/s and the ratio; --json saves them.
+--chooser instead runs the engine's per-shape choice (kernels/cpu/gemm_choice.py) on weights of
+the model's shapes, measured anew (not read from its cache), and prints its table and cost.
 
-    python bench/cpu_gemm.py --rows 1 32 2048 --json bench/results/cpu_gemm.json
+    python bench/cpu_gemm.py --rows 1 8 32 256 2048 --json bench/results/cpu_gemm.json
+    python bench/cpu_gemm.py --chooser
 """
 from __future__ import annotations
 
@@ -60,11 +63,36 @@ def bench_shape(name: str, rows: int, layers: int, repeats: int) -> dict[str, fl
             "speedup": seconds["onednn"] / seconds["native"]}
 
 
+def run_chooser(layers: int) -> dict:
+    """The engine's GEMM choice on random weights of SmolLM2's shapes, measured anew."""
+    import os
+
+    import torch
+
+    from kernels.cpu import gemm_choice
+    from kernels.cpu import linear as cpu_linear
+
+    os.environ["LLMSERVE_GEMM_CACHE"] = "0"
+    plain = {name.removesuffix("_proj"): [
+        torch.randn(*SHAPES[name], dtype=torch.bfloat16) * 0.05
+        for _ in range(1 if name == "lm_head" else layers)] for name in SHAPES}
+    packed = {name: [cpu_linear.pack_native(w) for w in weights] for name, weights in plain.items()}
+    table = cpu_linear.choose_gemms(plain, packed)
+    print(gemm_choice.format_table(table))
+    return {name: {"choices": shape.choices(), "buckets": [
+        {"rows": b.rows, "native_ms_median": 1e3 * sorted(b.native_s)[len(b.native_s) // 2],
+         "onednn_ms_median": 1e3 * sorted(b.onednn_s)[len(b.onednn_s) // 2],
+         "measured": b.measured} for b in shape.buckets]}
+        for name, shape in table.shapes.items()} | {"seconds": table.seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 32, 2048],
-                        help="rows of x (tokens in the step) to time (default: 1 32 2048)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 256, 2048],
+                        help="rows of x (tokens in the step) to time (default: 1 8 32 256 2048)")
+    parser.add_argument("--chooser", action="store_true",
+                        help="run the engine's per-shape choice instead and print its table")
     parser.add_argument("--layers", type=int, default=30,
                         help="distinct weights per projection, as layers of a model (default 30)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls, best kept (default 5)")
@@ -79,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu_linear.native_available():
         print("the C bf16 kernel is not available here (needs AVX512-BF16 and a C compiler)")
         return 1
+    if args.chooser:
+        chosen = run_chooser(args.layers)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"machine": machine_info(), "threads": threads,
+                                             "chooser": chosen}, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     results = []
     print(f"{'projection':<14}{'rows':>6}{'oneDNN ms':>11}{'C ms':>9}{'oneDNN GF/s':>13}"
           f"{'C GF/s':>9}{'C speedup':>11}")

@@ -5,7 +5,8 @@ At engine start (kernels/cpu/linear.py `prepare_weights`) every projection shape
 own weights, through both candidates: the C AVX512-BF16 kernel (csrc/gemm_bf16.c) and oneDNN on
 reordered weights (which uses AMX tiles where the CPU has them). Per bucket the faster one is
 kept, with the C kernel as the incumbent: oneDNN must win by MARGIN on the median of paired,
-alternating runs. A step of `rows` rows uses the bucket nearest to it on a log scale.
+alternating runs (by NOISY_MARGIN where the runs were spread wide: a busy machine). A step of
+`rows` rows uses the bucket nearest to it on a log scale.
 
 Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
 forward pass reads them (memory-bound); big ones time two layers (compute-bound). lm_head is
@@ -38,6 +39,7 @@ MEMORY_BOUND_ROWS = 32   # up to here weights stream from memory: rotate over ma
 LM_HEAD_MAX_ROWS = 256   # lm_head sees one row per request: not timed beyond this
 CHOOSER_VERSION = 1      # part of the cache key: bump when the method changes
 NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
+NOISY_MARGIN = 0.25      # ... and oneDNN must win by this much to replace the C kernel there
 
 
 @dataclass(slots=True)
@@ -167,9 +169,10 @@ def measure_shape(shape: ShapeCandidates, cache_bytes: int,
 
         repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
         native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock)
-        native_s = [t / count for t in native_s]
-        onednn_s = [t / count for t in onednn_s]
-        result.buckets.append(BucketTiming(rows, native_s, onednn_s, decide(native_s, onednn_s)))
+        timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
+        margin = NOISY_MARGIN if timing.noisy() else MARGIN
+        timing.choice = decide(timing.native_s, timing.onednn_s, margin)
+        result.buckets.append(timing)
     return result
 
 

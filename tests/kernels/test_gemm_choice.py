@@ -98,6 +98,22 @@ def test_lm_head_takes_its_256_row_choice_at_2048_untimed() -> None:
     assert max(rows for _, rows, _ in calls) == 256
 
 
+def test_noisy_runs_need_a_wider_win_to_leave_the_c_kernel() -> None:
+    clock = FakeClock()
+
+    def spread_out(base: float):
+        factors = iter([1.0, 1.0, 2.0, 2.0, 2.0, 1.0] * 20)   # runs at 1x and 2x: noisy
+        return lambda rows: base * next(factors)
+
+    for ratio, expected in ((0.85, gc.NATIVE), (0.6, gc.ONEDNN)):
+        shape = _fake_shape(clock, "qkv", spread_out(1e-3), spread_out(ratio * 1e-3), layers=1)
+        first = gc.measure_shape(shape, cache_bytes=1, clock=clock).buckets[0]
+        assert first.noisy() and first.choice == expected, (ratio, first)
+    # the same 0.85 on quiet runs is a win
+    shape = _fake_shape(clock, "qkv", lambda rows: 1e-3, lambda rows: 0.85e-3, layers=1)
+    assert gc.measure_shape(shape, cache_bytes=1, clock=clock).buckets[0].choice == gc.ONEDNN
+
+
 def test_a_spread_of_runs_marks_the_bucket_noisy() -> None:
     timing = gc.BucketTiming(1, [1.0, 1.0, 1.6, 1.7, 1.8], [1.0] * 5)
     assert timing.noisy()
