@@ -9,7 +9,7 @@ alternating runs (by NOISY_MARGIN where the runs were spread wide: a busy machin
 `rows` rows uses the bucket nearest to it on a log scale.
 
 Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
-forward pass reads them (memory-bound); big ones time two layers (compute-bound). lm_head is
+forward pass reads them (memory-bound); big ones time one (compute-bound). lm_head is
 not timed at 2048 rows (it sees one row per request) and takes its 256-row choice there.
 
 The table is cached per CPU model, flags, torch version, thread count, C library build and
@@ -139,9 +139,9 @@ def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats:
 def rotation(layers: int, out_features: int, in_features: int, rows: int,
              cache_bytes: int) -> int:
     """How many distinct weights a timed run goes through: enough to spill the last-level
-    cache twice over in the memory-bound buckets, two in the compute-bound ones."""
+    cache twice over in the memory-bound buckets, one in the compute-bound ones."""
     if rows > MEMORY_BOUND_ROWS:
-        return min(2, layers)
+        return 1
     weight_bytes = 2 * out_features * in_features
     return max(1, min(layers, math.ceil(2 * cache_bytes / weight_bytes)))
 
