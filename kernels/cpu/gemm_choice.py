@@ -6,7 +6,8 @@ own weights, through both candidates: the C AVX512-BF16 kernel (csrc/gemm_bf16.c
 reordered weights (which uses AMX tiles where the CPU has them). Per bucket the faster one is
 kept, with the C kernel as the incumbent: oneDNN must win by MARGIN on the median of paired,
 alternating runs (by NOISY_MARGIN where the runs were spread wide: a busy machine). A step of
-`rows` rows uses the bucket nearest to it on a log scale.
+`rows` rows uses the bucket nearest to it on a log scale. Timing goes bucket by bucket across
+shapes and stops at BUDGET_S (a busy machine): buckets not reached keep the C kernel.
 
 Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
 forward pass reads them (memory-bound); big ones time one (compute-bound). lm_head is
@@ -40,6 +41,7 @@ LM_HEAD_MAX_ROWS = 256   # lm_head sees one row per request: not timed beyond th
 CHOOSER_VERSION = 1      # part of the cache key: bump when the method changes
 NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
 NOISY_MARGIN = 0.25      # ... and oneDNN must win by this much to replace the C kernel there
+BUDGET_S = 5.0           # timing stops here (a busy machine): later buckets keep the C kernel
 
 
 @dataclass(slots=True)
@@ -84,6 +86,11 @@ class GemmTable:
     def noisy(self) -> bool:
         """Whether any bucket's runs were spread wide (a busy machine): then not cached."""
         return any(b.noisy() for shape in self.shapes.values() for b in shape.buckets)
+
+    def truncated(self) -> bool:
+        """Whether the time budget ran out before every bucket was timed."""
+        return any(not b.measured and not b.native_s
+                   for shape in self.shapes.values() for b in shape.buckets)
 
     def uses_onednn(self, name: str) -> bool:
         """Whether any bucket of this shape picks oneDNN."""
@@ -146,34 +153,52 @@ def rotation(layers: int, out_features: int, in_features: int, rows: int,
     return max(1, min(layers, math.ceil(2 * cache_bytes / weight_bytes)))
 
 
+def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
+                   clock: Callable[[], float] = time.perf_counter) -> BucketTiming:
+    """Both candidates' seconds per call at `rows` rows, and the pick."""
+    count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
+    x = shape.make_x(rows)
+
+    def run_native() -> None:
+        for i in range(count):
+            shape.run_native(x, i)
+
+    def run_onednn() -> None:
+        for i in range(count):
+            shape.run_onednn(x, i)
+
+    repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
+    native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock)
+    timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
+    timing.choice = decide(timing.native_s, timing.onednn_s,
+                           NOISY_MARGIN if timing.noisy() else MARGIN)
+    return timing
+
+
+def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
+                clock: Callable[[], float] = time.perf_counter,
+                deadline: float = math.inf) -> dict[str, ShapeChoice]:
+    """Every shape at every bucket, smallest bucket first across shapes; buckets reached after
+    `deadline` (on `clock`) stay untimed with the C kernel."""
+    results = {c.name: ShapeChoice(c.name, c.out_features, c.in_features) for c in candidates}
+    for rows in BUCKET_ROWS:
+        for shape in candidates:
+            buckets = results[shape.name].buckets
+            if rows > shape.max_rows:
+                last = buckets[-1]
+                buckets.append(BucketTiming(rows, last.native_s, last.onednn_s, last.choice,
+                                            measured=False))
+            elif clock() >= deadline:
+                buckets.append(BucketTiming(rows, [], [], NATIVE, measured=False))
+            else:
+                buckets.append(measure_bucket(shape, rows, cache_bytes, clock))
+    return results
+
+
 def measure_shape(shape: ShapeCandidates, cache_bytes: int,
                   clock: Callable[[], float] = time.perf_counter) -> ShapeChoice:
-    """Time both candidates at every bucket up to shape.max_rows and pick per bucket."""
-    result = ShapeChoice(shape.name, shape.out_features, shape.in_features)
-    for rows in BUCKET_ROWS:
-        if rows > shape.max_rows:
-            last = result.buckets[-1]
-            result.buckets.append(BucketTiming(rows, last.native_s, last.onednn_s, last.choice,
-                                               measured=False))
-            continue
-        count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
-        x = shape.make_x(rows)
-
-        def run_native() -> None:
-            for i in range(count):
-                shape.run_native(x, i)
-
-        def run_onednn() -> None:
-            for i in range(count):
-                shape.run_onednn(x, i)
-
-        repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
-        native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock)
-        timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
-        margin = NOISY_MARGIN if timing.noisy() else MARGIN
-        timing.choice = decide(timing.native_s, timing.onednn_s, margin)
-        result.buckets.append(timing)
-    return result
+    """One shape at every bucket up to shape.max_rows (beyond it: the last timed choice)."""
+    return measure_all([shape], cache_bytes, clock)[shape.name]
 
 
 def last_level_cache_bytes() -> int:
@@ -242,9 +267,10 @@ def store(path: Path, table: GemmTable, identity: dict[str, object]) -> None:
 
 
 def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], cache_dir: Path,
-           cache_bytes: int | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> GemmTable:
-    """The table for these shapes: from the cache when one matches, else measured (and stored)."""
+           cache_bytes: int | None = None, clock: Callable[[], float] = time.perf_counter,
+           budget_s: float = BUDGET_S) -> GemmTable:
+    """The table for these shapes: from the cache when one matches, else measured within
+    budget_s (stored when complete and not noisy)."""
     path = cache_dir / f"{cache_key(identity)}.json"
     use_cache = os.environ.get("LLMSERVE_GEMM_CACHE", "1") != "0"
     names = [c.name for c in candidates]
@@ -252,10 +278,14 @@ def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], c
         return cached
     started = time.perf_counter()
     llc = cache_bytes if cache_bytes is not None else last_level_cache_bytes()
-    table = GemmTable({c.name: measure_shape(c, llc, clock) for c in candidates},
+    table = GemmTable(measure_all(candidates, llc, clock, clock() + budget_s),
                       source="measured")
     table.seconds = time.perf_counter() - started
-    if table.noisy():
+    if table.truncated():
+        log.warning("GEMM timing stopped at its %.1f s budget (a busy machine?): the untimed "
+                    "buckets keep the C kernel; not cached, the next start measures again",
+                    budget_s)
+    elif table.noisy():
         log.warning("GEMM timings were noisy (a busy machine?): this choice is used but not "
                     "cached, the next start measures again")
     elif use_cache:
@@ -273,7 +303,8 @@ def format_table(table: GemmTable) -> str:
         cells = []
         for b in shape.buckets:
             times = (f"{statistics.median(b.native_s) * 1e3:.3f}/"
-                     f"{statistics.median(b.onednn_s) * 1e3:.3f}") if b.measured else "as 256"
+                     f"{statistics.median(b.onednn_s) * 1e3:.3f}") if b.measured else (
+                "as 256" if b.native_s else "untimed")
             cells.append(f"{'C' if b.choice == NATIVE else 'oneDNN'} {times}")
         lines.append(f"{shape.name:<10}{f'{shape.out_features}x{shape.in_features}':>13}"
                      + "".join(f"{c:>24}" for c in cells))

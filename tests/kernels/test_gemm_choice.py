@@ -163,6 +163,25 @@ def test_noisy_timings_are_used_but_not_cached(tmp_path) -> None:
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_timing_stops_at_its_budget_bucket_by_bucket_and_is_not_cached(tmp_path) -> None:
+    clock, calls = FakeClock(), []
+    shapes = [_fake_shape(clock, name, lambda rows: 1e-3 * rows, lambda rows: 1e-4 * rows,
+                          calls=calls) for name in ("qkv", "down")]
+    # 1 row: 6 runs each x 4 layers x (1 + 0.1) ms = 26 ms per shape, 8 rows 211 ms: the 0.3 s
+    # budget ends after the 8-row bucket
+    table = gc.choose(shapes, {"cpu_model": "x"}, tmp_path, cache_bytes=1 << 20, clock=clock,
+                      budget_s=0.3)
+    assert table.truncated() and not list(tmp_path.glob("*.json"))
+    for shape in table.shapes.values():
+        assert shape.choices() == [gc.ONEDNN, gc.ONEDNN, gc.NATIVE, gc.NATIVE, gc.NATIVE]
+        assert [b.measured for b in shape.buckets] == [True, True, False, False, False]
+    assert "untimed" in gc.format_table(table)
+    # smallest bucket first across shapes: both shapes at 1 row before either at 8
+    order = [(x, impl) for impl, x, i in calls if i == 0]
+    first_8 = next(n for n, (rows, _) in enumerate(order) if rows == 8)
+    assert {rows for rows, _ in order[:first_8]} == {1} and len(order) > first_8
+
+
 def test_a_broken_cache_file_is_measured_over(tmp_path) -> None:
     clock = FakeClock()
     identity = {"cpu_model": "x"}
