@@ -16,7 +16,9 @@ not timed at 2048 rows (it sees one row per request) and takes its 256-row choic
 The table is cached per CPU model, flags, torch version, thread count, C library build and
 shapes under the cache dir (~/.cache/llmserve/gemm_choice/), so only the first start pays the
 ~1-3 s of timing; LLMSERVE_GEMM_CACHE=0 measures anew and stores nothing. A table whose runs
-were spread wide (median >= NOISY_SPREAD x fastest: a busy machine) is used but not cached.
+were spread wide (median >= NOISY_SPREAD x fastest: a busy machine) or cut short by the budget
+is reused for PROVISIONAL_TTL_S only (so a busy machine does not pay the timing at every start,
+nor keep a poor measurement for good).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ CHOOSER_VERSION = 1      # part of the cache key: bump when the method changes
 NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
 NOISY_MARGIN = 0.25      # ... and oneDNN must win by this much to replace the C kernel there
 BUDGET_S = 5.0           # timing stops here (a busy machine): later buckets keep the C kernel
+PROVISIONAL_TTL_S = 3600.0   # a noisy or cut-short table is reused this long, then re-measured
 
 
 @dataclass(slots=True)
@@ -242,20 +245,27 @@ def _table_from_json(data: dict) -> GemmTable:
     return GemmTable(shapes, source="cached")
 
 
-def load_cached(path: Path, names: Sequence[str]) -> GemmTable | None:
-    """The table stored at path, or None (absent, unreadable, or missing a shape)."""
+def load_cached(path: Path, names: Sequence[str], now: float | None = None) -> GemmTable | None:
+    """The table stored at path, or None (absent, unreadable, missing a shape, or provisional
+    and older than PROVISIONAL_TTL_S)."""
     try:
-        table = _table_from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(path.read_text())
+        age = (time.time() if now is None else now) - float(data.get("measured_at", 0.0))
+        if data.get("provisional", False) and not 0 <= age < PROVISIONAL_TTL_S:
+            return None
+        table = _table_from_json(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     ok = set(table.shapes) >= set(names) and all(
         len(table.shapes[n].buckets) == len(BUCKET_ROWS) for n in names)
     return table if ok else None
 
 
-def store(path: Path, table: GemmTable, identity: dict[str, object]) -> None:
+def store(path: Path, table: GemmTable, identity: dict[str, object],
+          provisional: bool = False) -> None:
     """Write the table atomically (a failure to write is logged, never raised)."""
-    data = {"identity": identity, "measured_seconds": table.seconds,
+    data = {"identity": identity, "measured_seconds": table.seconds, "measured_at": time.time(),
+            "provisional": provisional,
             "shapes": {name: asdict(shape) for name, shape in table.shapes.items()}}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +280,7 @@ def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], c
            cache_bytes: int | None = None, clock: Callable[[], float] = time.perf_counter,
            budget_s: float = BUDGET_S) -> GemmTable:
     """The table for these shapes: from the cache when one matches, else measured within
-    budget_s (stored when complete and not noisy)."""
+    budget_s and stored (for PROVISIONAL_TTL_S only when noisy or cut short)."""
     path = cache_dir / f"{cache_key(identity)}.json"
     use_cache = os.environ.get("LLMSERVE_GEMM_CACHE", "1") != "0"
     names = [c.name for c in candidates]
@@ -281,15 +291,17 @@ def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], c
     table = GemmTable(measure_all(candidates, llc, clock, clock() + budget_s),
                       source="measured")
     table.seconds = time.perf_counter() - started
+    provisional = table.truncated() or table.noisy()
     if table.truncated():
         log.warning("GEMM timing stopped at its %.1f s budget (a busy machine?): the untimed "
-                    "buckets keep the C kernel; not cached, the next start measures again",
-                    budget_s)
+                    "buckets keep the C kernel", budget_s)
     elif table.noisy():
-        log.warning("GEMM timings were noisy (a busy machine?): this choice is used but not "
-                    "cached, the next start measures again")
-    elif use_cache:
-        store(path, table, identity)
+        log.warning("GEMM timings were noisy (a busy machine?)")
+    if use_cache:
+        store(path, table, identity, provisional)
+        if provisional:
+            log.warning("this GEMM choice is reused for %.0f min only, then measured again",
+                        PROVISIONAL_TTL_S / 60)
     return table
 
 
