@@ -12,9 +12,10 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine_svc.config import EngineConfig
+from engine_svc.grammar import GrammarCache
 from engine_svc.kv_pool import KVPool
 from engine_svc.model_runner import ModelRunner
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
@@ -75,6 +76,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.pool, self.runner.table.slots,
                                    self.prefix_cache)
         self.eos_ids = frozenset(mc.eos_token_ids)
+        # response_format -> compiled grammar (xgrammar loads at the first constrained request)
+        self.grammars = GrammarCache(config.model, mc.vocab_size, mc.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
@@ -92,6 +95,9 @@ class LLMEngine:
         sampling = sampling or SamplingParams()
         stopping = stopping or StoppingParams()
         self._validate(request_id, prompt_ids, sampling, stopping)
+        if sampling.response_format is not None:  # ValueError naming the field if it won't compile
+            sampling = replace(sampling,
+                               response_format=self.grammars.prepare(sampling.response_format))
         seq = Sequence(request_id, list(prompt_ids), sampling, stopping)
         if stopping.min_tokens:
             eos = () if stopping.ignore_eos else self.eos_ids
@@ -217,6 +223,9 @@ class LLMEngine:
             if seq.status is not SeqStatus.RUNNING or self._live.get(seq.request_id) is not seq:
                 continue  # aborted: its rows go back when the abort is drained
             token = token_ids[i]
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                outputs.append(self._end_off_grammar(seq, token))
+                continue
             seq.output_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -226,13 +235,30 @@ class LLMEngine:
             if k and logprobs is not None and top_ids is not None:
                 # only a request that asked gets logprobs: the same alone or in any batch
                 out.logprobs = [logprobs[i]]
-                out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))]
-            reason = self._stop_reason(seq, token)
+                # -inf: a token the grammar forbids (fewer than k allowed); not an alternative
+                out.top_logprobs = [[(t, lp) for t, lp in zip(top_ids[i][:k], top_lps[i][:k])
+                                     if lp != float("-inf")]]
+            if seq.grammar is not None and seq.grammar.terminated:
+                reason = FinishReason.EOS  # the grammar is complete and took its stop token (eos)
+            else:
+                reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 out = self._final(seq, out.token_ids, out)
             outputs.append(out)
         return outputs
+
+    def _end_off_grammar(self, seq: Sequence, token: int) -> RequestOutput:
+        """End a request whose sampled token its grammar forbids (dropped, not streamed). Only
+        when every allowed token was banned too: min_tokens holding back the eos of a complete
+        grammar ends it with EOS; anything else is a bug, logged, and ends it ABORTED."""
+        assert seq.grammar is not None
+        reason = FinishReason.EOS if seq.grammar.completed else FinishReason.ABORTED
+        if reason is FinishReason.ABORTED:
+            log.error("request %s: sampled token %d is outside its response_format grammar",
+                      seq.request_id, token)
+        self.scheduler.finish(seq, reason)
+        return self._final(seq, [])
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if len(seq.output_ids) < seq.stopping.min_tokens:  # (<= max_new_tokens: no LENGTH yet)

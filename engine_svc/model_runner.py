@@ -16,6 +16,7 @@ from engine_svc.cpu_threads import ThreadGovernor, start_cpu_threads
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
 from engine_svc.cuda_graphs import DecodeGraphs
 from engine_svc.forward_batch import ForwardBatch, KVCache
+from engine_svc.grammar import TokenMasks
 from engine_svc.models.llama import LlamaModel
 from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput
@@ -84,6 +85,7 @@ class ModelRunner:
         self.model = LlamaModel(model_config, weights, get_ops(self.backend), self.max_model_len)
         self.sampler = Sampler(model_config.vocab_size, self.device,
                                argmax=self.model.ops.argmax_rows)
+        self.token_masks = TokenMasks(model_config.vocab_size, config.max_num_seqs, self.device)
         self.capacity = self._kv_capacity()
         # the table also owns the padding conventions (its dummy slot, the pool's scratch row)
         self.table = ReqToTokenTable(config.max_num_seqs, self.max_model_len, self.capacity,
@@ -177,10 +179,12 @@ class ModelRunner:
                 seq.sampler_state = torch.Generator(self.device).manual_seed(seq.sampling.seed)
         params = [s.sampling for s in seqs]
         biases = [s.step_logit_bias() for s in seqs]   # logit_bias, min_tokens bans; mostly None
+        constrained = [row for row, p in enumerate(params) if p.response_format is not None]
+        token_mask = self.token_masks.build(seqs, constrained) if constrained else None
         return self.sampler(logits, params, [s.sampler_state for s in seqs],
                             [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
                             need_logprobs=any(p.top_logprobs for p in params),
-                            logit_bias=biases if any(biases) else None)
+                            logit_bias=biases if any(biases) else None, token_mask=token_mask)
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[ScheduledChunk]]:
         chunks = plan.chunks

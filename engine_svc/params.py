@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine_svc.grammar import ResponseFormat
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
@@ -46,6 +50,7 @@ class SamplingParams:
     seed: int | None = None
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    response_format: ResponseFormat | None = None  # structured output (engine_svc/grammar.py)
 
     @property
     def greedy(self) -> bool:

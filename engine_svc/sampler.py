@@ -1,6 +1,8 @@
 """Next-token sampling for a batch of rows, each with its own SamplingParams.
 
 Order of operations per row (greedy rows stop after step 1):
+  0. grammar mask: -inf on tokens the row's response_format forbids (constrained rows only;
+     engine_svc/grammar.py), so penalties, sampling and logprobs see allowed tokens only
   0. logit bias: the request's logit_bias plus -inf on eos/stop ids before min_tokens (only
      rows that have one; a batch without any skips it)
   1. penalties (repetition over prompt+output, presence/frequency over output) -> greedy argmax
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine_svc.grammar import TokenMask, apply_token_mask
 from engine_svc.params import SamplingParams
 from kernels import reference
 
@@ -63,13 +66,16 @@ class Sampler:
                  generators: list[torch.Generator | None],
                  prompt_ids: list[Sequence[int]],
                  output_ids: list[Sequence[int]], need_logprobs: bool = True,
-                 logit_bias: Sequence[Mapping[int, float] | None] | None = None
-                 ) -> SamplerOutput:
+                 logit_bias: Sequence[Mapping[int, float] | None] | None = None,
+                 token_mask: TokenMask | None = None) -> SamplerOutput:
         """Sample one token per row; `need_logprobs=False` skips the log-softmax work.
 
         logit_bias: per row, token id -> value added to its logit (-inf bans it), or None.
+        token_mask: the allowed tokens of the constrained rows (None: no row is constrained).
         """
         raw = self._checked_logits(logits, params, generators, prompt_ids, output_ids)
+        if token_mask is not None:
+            apply_token_mask(raw, token_mask)  # in place
         if logit_bias is not None:
             raw = apply_logit_bias(raw, logit_bias)
         any_penalty = any(p.has_penalties for p in params)

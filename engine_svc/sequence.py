@@ -36,6 +36,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     sampler_state: object = None        # the model runner's per-request state (seeded generator)
     stop_ids_banned: tuple[int, ...] = ()  # ids masked until min_tokens exist (eos + stop ids)
+    grammar: object = None              # the runner's GrammarState (response_format), own per seq
     first_token_time: float | None = None
     last_token_time: float | None = None
     _rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))

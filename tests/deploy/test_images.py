@@ -12,7 +12,7 @@ from tests.deploy.dockerfile import parse_dockerfile
 TORCH_FROM_BASE_IMAGE = {"torch", "triton"}
 # test and benchmark tools: not needed inside the images
 DEV_ONLY = {"hypothesis", "pytest", "pytest-timeout", "mypy-protobuf", "pyyaml", "matplotlib",
-            "kubernetes-validate", "openai"}
+            "kubernetes-validate", "openai", "jsonschema"}
 TOKENIZER_ONLY = {"fastapi", "uvicorn"}  # the tokenizer's OpenAI HTTP API
 HEAVY = {"torch", "triton", "transformers", "numpy"}
 
