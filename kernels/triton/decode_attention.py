@@ -2,12 +2,12 @@
 
 Stage 1: one program per (request, kv head, split) handles all query heads of that kv head (GQA) over
 one slice of the request's tokens and writes a normalised partial output plus its log-sum-exp.
-Stage 2: one program per (request, query head) merges the splits' partials weighted by exp(lse).
+Stage 2 (split_combine.py): one program per (request, query head) merges the splits' partials
+weighted by exp(lse). The split count is a runtime argument of both: one compiled variant per
+dtype and head size serves every batch and length (no compile while serving).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -15,14 +15,15 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks
-from .launch import LOG2_E, dot_in_fp32, dot_precision, interpret_mode
+from .launch import (LOG2_E, dot_in_fp32, dot_precision, index_pointer_options, interpret_mode,
+                     target_programs)
 from .online_softmax import attend_block
+from .split_combine import MAX_SPLITS, combine_splits
 
 MIN_SPLIT_TOKENS = 128  # do not cut a request into slices shorter than this
-MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"], **index_pointer_options("slots_ptr", "seq_lens_ptr"))
 def _decode_split_kernel(
     q_ptr,  # *T [batch, q_heads, HEAD_DIM]: one query per request
     k_cache_ptr,  # *T [capacity, kv_heads, HEAD_DIM]: K pool
@@ -30,8 +31,8 @@ def _decode_split_kernel(
     req_to_token_ptr,  # *i32 [max_requests, max_model_len]: pool row of token j of request r
     slots_ptr,  # *i32 [batch]: req_to_token row of each request
     seq_lens_ptr,  # *i32 [batch]: tokens to attend to per request
-    partial_out_ptr,  # *f32 [batch, q_heads, NUM_SPLITS, HEAD_DIM]: normalised partial outputs
-    partial_lse_ptr,  # *f32 [batch, q_heads, NUM_SPLITS]: log2-sum-exp2 of each split's scores
+    partial_out_ptr,  # *f32 [batch, q_heads, num_splits, HEAD_DIM]: normalised partial outputs
+    partial_lse_ptr,  # *f32 [batch, q_heads, num_splits]: log2-sum-exp2 of each split's scores
     q_batch_stride,  # elements between requests of q
     q_head_stride,  # elements between heads of q
     k_row_stride,  # elements between pool rows of k_cache
@@ -40,8 +41,8 @@ def _decode_split_kernel(
     v_head_stride,  # elements between heads of v_cache
     req_to_token_stride,  # elements between rows of req_to_token
     group,  # q_heads // kv_heads
+    num_splits,  # slices each request's keys are cut into (runtime: never a recompile)
     qk_scale,  # softmax scale * log2(e)
-    NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,  # power of two >= group, at least 16 (tl.dot minimum)
     BLOCK_N: tl.constexpr,
@@ -53,7 +54,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + request)
     slot = tl.load(slots_ptr + request).to(tl.int64)
-    split_len = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS  # tokens per split, rounded up
+    split_len = (seq_len + num_splits - 1) // num_splits  # tokens per split, rounded up
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, seq_len)
 
@@ -77,72 +78,38 @@ def _decode_split_kernel(
         m_i, l_i, acc = attend_block(query, m_i, l_i, acc, r2t_row, offs_n, n_mask,
                                      n_mask[None, :], k_cache_ptr, v_cache_ptr, kv_head,
                                      k_row_stride, k_head_stride, v_row_stride, v_head_stride,
-                                     qk_scale, HEAD_DIM, DOT_PRECISION, DOT_IN_FP32)
+                                     qk_scale, HEAD_DIM, True, DOT_PRECISION, DOT_IN_FP32)
 
     has_tokens = l_i > 0  # false for an empty split (and for padded heads never stored)
     safe_l = tl.where(has_tokens, l_i, 1.0)
     partial = tl.where(has_tokens[:, None], acc / safe_l[:, None], 0.0)
     lse = tl.where(has_tokens, m_i + tl.log2(safe_l), float("-inf"))
-    row_base = (request.to(tl.int64) * group * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [BLOCK_G]
+    row_base = (request.to(tl.int64) * group * tl.num_programs(1) + heads) * num_splits + split  # [BLOCK_G]
     tl.store(partial_out_ptr + row_base[:, None] * HEAD_DIM + dims[None, :], partial, mask=g_mask[:, None])
     tl.store(partial_lse_ptr + row_base, lse, mask=g_mask)
-
-
-@triton.jit
-def _decode_combine_kernel(
-    partial_out_ptr,  # *f32 [batch, q_heads, NUM_SPLITS, HEAD_DIM]
-    partial_lse_ptr,  # *f32 [batch, q_heads, NUM_SPLITS]; -inf marks an empty split
-    out_ptr,  # *T [batch, q_heads, HEAD_DIM]
-    out_batch_stride,  # elements between requests of out
-    out_head_stride,  # elements between heads of out
-    NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # power of two >= NUM_SPLITS
-):
-    request = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    q_heads = tl.num_programs(1)
-    splits = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, HEAD_DIM)
-    base = (request * q_heads + head) * NUM_SPLITS
-    lse = tl.load(partial_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    valid = lse > float("-inf")  # [BLOCK_S]
-    lse_max = tl.max(tl.where(valid, lse, -1e30), axis=0)
-    weights = tl.where(valid, tl.exp2(lse - lse_max), 0.0)  # [BLOCK_S]
-    partial_ptrs = partial_out_ptr + (base + splits[:, None]) * HEAD_DIM + dims[None, :]
-    partials = tl.load(partial_ptrs, mask=valid[:, None], other=0.0)  # [BLOCK_S, HEAD_DIM]
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(partials * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    out_ptrs = out_ptr + request * out_batch_stride + head * out_head_stride + dims
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
-
-
-@functools.lru_cache(maxsize=8)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _pick_num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Enough splits to give every SM a few programs, never slices shorter than MIN_SPLIT_TOKENS.
 
-    Depends only on (batch, kv_heads, max_seq_len, device), so a captured CUDA graph stays valid
-    as long as the caller passes a fixed max_seq_len.
+    num_splits is a runtime kernel argument, so any value costs no compile. It depends only on
+    (batch, kv_heads, max_seq_len, device): a captured CUDA graph stays valid as long as the
+    caller passes a fixed max_seq_len.
     """
-    if device.type == "cuda":
-        target_programs = 4 * _multiprocessor_count(device.index or 0)
-    else:
-        target_programs = 8  # interpreter: still exercise several splits
-    by_occupancy = triton.cdiv(target_programs, max(batch * kv_heads, 1))
+    by_occupancy = triton.cdiv(target_programs(device), max(batch * kv_heads, 1))
     min_split = 16 if interpret_mode() else MIN_SPLIT_TOKENS
     by_length = triton.cdiv(max(max_seq_len, 1), min_split)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
 
-def _pick_block_n(head_dim: int, dtype: torch.dtype) -> int:
-    """Context tokens per inner step: 16 in the interpreter, fewer for fp32 to bound shared memory."""
+def _pick_block_n(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(context tokens per inner step, num_warps): 16 keys in the interpreter; for fp32 (FMA dots)
+    32 keys over 8 warps, which compiles spill-free for sm_90 where 4 warps spill."""
     if interpret_mode():
-        return 16
-    return 32 if dtype == torch.float32 or head_dim > 128 else 64
+        return 16, 4
+    if dtype == torch.float32:
+        return 32, 8
+    return (32, 4) if head_dim > 128 else (64, 4)
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor, slots: Tensor,
@@ -188,7 +155,7 @@ def decode_attention(
     out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    block_n = _pick_block_n(head_dim, q.dtype)
+    block_n, num_warps = _pick_block_n(head_dim, q.dtype)
     num_splits = _pick_num_splits(batch, kv_heads, int(max_seq_len), q.device)
     partial_out = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -199,22 +166,15 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1),
         req_to_token.stride(0),
         group,
+        num_splits,
         float(scale) * LOG2_E,
-        NUM_SPLITS=num_splits,
         HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         DOT_IN_FP32=dot_in_fp32(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
         num_stages=2,
     )
-    _decode_combine_kernel[(batch, q_heads)](
-        partial_out, partial_lse, out,
-        out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits,
-        HEAD_DIM=head_dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=1 if interpret_mode() else 4,
-    )
+    combine_splits(partial_out, partial_lse, out)
     return out

@@ -18,6 +18,9 @@ PREFILL_CASES = [
     ([0, 17, 5], [19, 1, 33], 6, 2, 64),  # GQA 3, mixed prefix / no prefix, several M blocks
     ([40, 0], [7, 21], 8, 1, 128),  # GQA 8, long prefix, head_dim 128
     ([3, 0, 9, 1, 0], [5, 16, 2, 17, 3], 4, 4, 64),  # many requests, block-edge lengths
+    ([45], [3], 8, 2, 64),  # GQA 4: a short chunk after a long prefix (split-K)
+    ([15, 16, 31, 32], [1, 17, 16, 2], 3, 1, 64),  # GQA 3: prefixes on and off 16-key tile edges
+    ([0, 64], [47, 5], 8, 1, 64),  # GQA 8: two tokens per 16-row block, many diagonal tiles
 ]
 # (seq_lens, q_heads, kv_heads, head_dim); the interpreter uses 16-token tiles and splits
 DECODE_CASES = [
@@ -119,3 +122,55 @@ def test_interpreter_splits_decode_work() -> None:
         patch.setenv("TRITON_INTERPRET", "1")
         assert module._pick_num_splits(1, 1, 70, torch.device("cpu")) > 1
         assert module._pick_num_splits(3, 1, 100, torch.device("cpu")) == 3
+
+
+def _prefill_module(ops: SimpleNamespace):
+    return sys.modules[ops.prefill_attention.__module__]
+
+
+class _GridRecorder:
+    """Stands in for a @triton.jit kernel: records each launch grid, then launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids, self.constexprs = kernel, [], []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.grids.append(tuple(grid))
+            self.constexprs.append(kwargs)
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_prefill_attention_at_forced_split_counts(tops: SimpleNamespace, device: torch.device,
+                                                  num_splits: int) -> None:
+    """Every split count gives the reference's answer (empty slices, slices past the diagonal)."""
+    new_lens = [7, 2, 20]
+    pb = make_pool_batch([37, 0, 5], new_lens, 2, 64, torch.float32, device)
+    q = torch.randn(sum(new_lens), 6, 64, device=device)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_prefill_module(tops), "_pick_num_splits", lambda *args: num_splits)
+        out = _prefill(tops, q, pb, new_lens, 0.125)
+    assert_close(out, _prefill(reference, q, pb, new_lens, 0.125), torch.float32)
+
+
+def test_prefill_reads_each_kv_head_once_per_token_block(tops: SimpleNamespace,
+                                                         device: torch.device) -> None:
+    """GQA heads share a program: the grid has one column per KV head (times key slices), not one
+    per query head, and a short chunk after a long prefix is split along its keys."""
+    module = _prefill_module(tops)
+    recorder = _GridRecorder(module._prefill_attention_kernel)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_prefill_attention_kernel", recorder)
+        pb = make_pool_batch([0, 3, 9, 1, 0], [5, 16, 2, 17, 3], 2, 64, torch.float32, device)
+        _prefill(tops, torch.randn(43, 8, 64, device=device), pb, [5, 16, 2, 17, 3], 0.125)
+        pb = make_pool_batch([90], [2], 2, 64, torch.float32, device)
+        _prefill(tops, torch.randn(2, 8, 64, device=device), pb, [2], 0.125)
+    (blocks, batch, columns), (_, _, split_columns) = recorder.grids
+    assert batch == 5 and columns == 2  # 2 KV heads serve 8 query heads: 1 program, not 4
+    rows = recorder.constexprs[0]["BLOCK_M"]
+    assert blocks == -(-17 // (rows // 4))  # each block holds rows // group tokens x 4 heads
+    assert split_columns > 2 and split_columns % 2 == 0  # 2 KV heads x several key slices
