@@ -27,13 +27,24 @@ def _run(args: list[str], interpret: bool) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="Triton wheel without the NVIDIA backend (no ptxas)")
-def test_kernels_compile_for_sm90() -> None:
-    result = _run(["-m", "tests.kernels.aot_compile"], interpret=False)
+def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
+    """The variants the JIT really compiles (its 16-byte hints included) fit sm_90 without spills,
+    and the attention kernels' loads are pipelined (cp.async), which the hint-less variant lacked."""
+    report_path = tmp_path / "aot.json"
+    result = _run(["-m", "tests.kernels.aot_compile", "--json", str(report_path)], interpret=False)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    compiled = result.stdout.splitlines()
+    reports = json.loads(report_path.read_text())
     for kernel in ("_rms_norm_kernel", "_rope_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
                    "_prefill_attention_kernel", "_decode_split_kernel", "_decode_combine_kernel"):
-        assert any(line.startswith(kernel) for line in compiled), f"{kernel} was not compiled"
+        assert any(r["kernel"] == kernel for r in reports), f"{kernel} was not compiled"
+    for report in reports:
+        assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report
+        assert report["registers"] <= 255, report
+    attention = [r for r in reports if r["kernel"] in ("_prefill_attention_kernel", "_decode_split_kernel")]
+    assert len(attention) == 8  # one variant per kernel per (shape, dtype): no alignment twins
+    for report in attention:
+        assert {"q_ptr", "k_cache_ptr", "v_cache_ptr", "k_row_stride"} <= set(report["divisible_args"]), report
+        assert report["cp_async"], report
 
 
 @pytest.mark.skipif(not INTERPRET or IN_PROCESS_INTERPRETER,
