@@ -7,6 +7,11 @@ touch real K/V. The sequence lengths live in a static tensor refreshed before ev
 decode attention reads them on the device and is launched with a fixed `max_seq_len`
 (= max_model_len), so one graph serves every length.
 
+The static inputs live in one device buffer with a fixed, 16-byte aligned layout
+(`step_staging.make_layout`). The model runner stages a decode step straight into it: the step's
+arrays, padded on the host to the bucket, arrive with one non-blocking host->device copy, and
+`run` finds them in place (no per-field copies, no fills). A batch built elsewhere is copied in.
+
 With `capture=False` (CPU, or `--no-cuda-graphs` kept for testing) the same padded static
 path runs eagerly, which is how the padding logic is tested without a GPU.
 """
@@ -15,11 +20,13 @@ from __future__ import annotations
 import bisect
 import logging
 
+import numpy as np
 import torch
 
 from engine_svc.forward_batch import ForwardBatch, KVCache
 from engine_svc.models.llama import LlamaModel
 from engine_svc.req_to_token import ReqToTokenTable
+from engine_svc.step_staging import StepStaging, make_layout, typed_view
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,24 @@ class DecodeGraphs:
         self.table = table
         device = table.tensor.device
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)      # [bucket]
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)      # [bucket]
-        self.out_rows = torch.full((size,), table.scratch_row, dtype=torch.int64, device=device)
-        self.slots = torch.full((size,), table.dummy_slot, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)        # [bucket]
+        # static inputs: one buffer, one field per index array (each [size]); the table updates
+        # of a decode step (one entry per request) ride along in the same copy
+        self.layout, self.layout_bytes = make_layout([
+            ("input_ids", torch.int64, size), ("positions", torch.int64, size),
+            ("out_rows", torch.int64, size), ("slots", torch.int32, size),
+            ("seq_lens", torch.int32, size), ("table_pos", torch.int64, size),
+            ("table_rows", torch.int32, size)])
+        self.static = torch.zeros(self.layout_bytes, dtype=torch.uint8, device=device)
+        self.input_ids = typed_view(self.static, self.layout["input_ids"])      # [size] int64
+        self.positions = typed_view(self.static, self.layout["positions"])      # [size] int64
+        self.out_rows = typed_view(self.static, self.layout["out_rows"])        # [size] int64
+        self.slots = typed_view(self.static, self.layout["slots"])              # [size] int32
+        self.seq_lens = typed_view(self.static, self.layout["seq_lens"])        # [size] int32
+        self.out_rows.fill_(table.scratch_row)
+        self.slots.fill_(table.dummy_slot)
+        self.seq_lens.fill_(1)
         self.logits_index = torch.arange(size, dtype=torch.int64, device=device)  # [bucket]
+        self.pool_bytes = 0   # device memory the captured graphs hold (set by capture_all)
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self._cu_zero = torch.zeros(1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -57,6 +76,23 @@ class DecodeGraphs:
 
     def fits(self, num_decode: int) -> bool:
         return 0 < num_decode <= self.buckets[-1]
+
+    def bucket_for(self, num_decode: int) -> int:
+        """The smallest bucket >= num_decode (which must fit)."""
+        return self.buckets[bisect.bisect_left(self.buckets, num_decode)]
+
+    def stage(self, staging: StepStaging, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Put a decode step's arrays into the static inputs with one copy; padding rows (up to
+        the bucket) get the scratch row, the dummy slot and one token of context. Returns the
+        device views [:n] (table_pos/table_rows: [:entries]) for the step's ForwardBatch."""
+        n = len(arrays["input_ids"])
+        pad = self.bucket_for(n) - n
+        padding = {"input_ids": 0, "positions": 0, "out_rows": self.table.scratch_row,
+                   "slots": self.table.dummy_slot, "seq_lens": 1}
+        padded = {name: np.concatenate([array, np.full(pad, padding[name], array.dtype)])
+                  if name in padding and pad else array for name, array in arrays.items()}
+        views = staging.stage(padded, layout=self.layout, nbytes=self.layout_bytes, dest=self.static)
+        return {name: view[:len(arrays[name])] for name, view in views.items()}
 
     def _static_batch(self, bucket: int, max_seq_len: int) -> ForwardBatch:
         return ForwardBatch(
@@ -68,37 +104,48 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Capture every bucket (largest first, sharing one memory pool)."""
+        device = self.static.device
+        reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(device=device)
         for bucket in reversed(self.buckets):
             batch = self._static_batch(bucket, self.max_model_len)
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: compile kernels, settle allocations
                     self.model.forward(batch, self.cache)
-            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[bucket] = self.model.forward(batch, self.cache)
             self.graphs[bucket] = graph
-        torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        torch.cuda.synchronize(device)
+        # the warm-ups' blocks are cached for the side stream, where no step ever runs: free them
+        torch.cuda.empty_cache()
+        self.pool_bytes = torch.cuda.memory_reserved(device) - reserved_before
+        log.info("captured decode CUDA graphs for batch sizes %s (%.1f MiB)", self.buckets,
+                 self.pool_bytes / 2**20)
+
+    def _holds(self, batch: ForwardBatch) -> bool:
+        """True when the batch's inputs already are the static buffers (staged by `stage`)."""
+        return batch.input_ids.data_ptr() == self.input_ids.data_ptr()
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [num_decode, vocab] of a pure-decode batch, through the bucket's graph."""
         n = batch.num_decode
-        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
-        self.out_rows[:n].copy_(batch.out_rows)
-        self.slots[:n].copy_(batch.slots)
-        self.seq_lens[:n].copy_(batch.seq_lens)
-        if n < bucket:  # padding rows: scratch row, dummy slot, one token of context
-            self.input_ids[n:bucket].zero_()
-            self.positions[n:bucket].zero_()
-            self.out_rows[n:bucket].fill_(self.table.scratch_row)
-            self.slots[n:bucket].fill_(self.table.dummy_slot)
-            self.seq_lens[n:bucket].fill_(1)
+        bucket = self.bucket_for(n)
+        if not self._holds(batch):  # built elsewhere: copy in, pad
+            self.input_ids[:n].copy_(batch.input_ids)
+            self.positions[:n].copy_(batch.positions)
+            self.out_rows[:n].copy_(batch.out_rows)
+            self.slots[:n].copy_(batch.slots)
+            self.seq_lens[:n].copy_(batch.seq_lens)
+            if n < bucket:  # padding rows: scratch row, dummy slot, one token of context
+                self.input_ids[n:bucket].zero_()
+                self.positions[n:bucket].zero_()
+                self.out_rows[n:bucket].fill_(self.table.scratch_row)
+                self.slots[n:bucket].fill_(self.table.dummy_slot)
+                self.seq_lens[n:bucket].fill_(1)
         if self.capture:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:n]

@@ -1,8 +1,11 @@
 """The model runner owns the device tensors: weights, the K/V pool tensors, the request->token
 table (a `ReqToTokenTable`, whose slot allocator the scheduler uses).
 
-It turns a `StepPlan` into index tensors (one host->device copy per step), runs the model and
-samples. Bookkeeping (which rows, which slots) is decided by the scheduler beforehand.
+It turns a `StepPlan` into index tensors (one pinned host->device copy per step, straight into
+the CUDA graphs' static inputs on graph steps: engine_svc/step_staging.py), runs the model,
+samples, and brings the sampled results back with one device->host copy. Bookkeeping (which rows,
+which slots) is decided by the scheduler beforehand. On CUDA the pool is sized from a measured
+worst-case step (engine_svc/kv_sizing.py), which also compiles every Triton variant up front.
 """
 from __future__ import annotations
 
@@ -14,15 +17,21 @@ import torch
 from engine_svc.config import EngineConfig
 from engine_svc.cpu_threads import ThreadGovernor, start_cpu_threads
 from engine_svc.cpu_tuning import keep_freed_memory_on_heap
-from engine_svc.cuda_graphs import DecodeGraphs
+from engine_svc.cuda_graphs import DecodeGraphs, batch_buckets
+from engine_svc.device_setup import CAPTURE, bind_device, bind_thread, decode_graph_mode
 from engine_svc.forward_batch import ForwardBatch, KVCache
 from engine_svc.grammar import TokenMasks
+from engine_svc.kv_sizing import (CudaMemory, DeviceMemory, MemoryBudget, graph_reserve_bytes,
+                                  read_budget)
 from engine_svc.models.llama import LlamaModel
+from engine_svc.profile_step import profile_worst_step
 from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput
 from engine_svc.scheduler import ScheduledChunk, StepPlan
+from engine_svc.step_staging import StepStaging, outputs_to_host
 from engine_svc.weights import ModelConfig, load_weights
 from kernels.backend import get_ops, resolve_backend
+from kernels.triton.launch import interpret_mode, persist_triton_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +76,15 @@ class ModelRunner:
         self.config = config
         self.max_model_len = config.model_len
         self.model_config = model_config
-        self.device = resolve_device(config.device)
+        self.device = bind_device(resolve_device(config.device))   # cuda:N current from here on
         self.dtype = resolve_dtype(config.dtype, self.device)
         log.info("dtype %s -> %s on %s%s", config.dtype, str(self.dtype).removeprefix("torch."),
                  self.device, " (native bf16 on this CPU; --dtype float32 for exact parity)"
                  if config.dtype == "auto" and self.dtype == torch.bfloat16
                  and self.device.type == "cpu" else "")
         self.backend = resolve_backend(config.backend, self.device)
+        if self.backend == "triton" and not interpret_mode():
+            persist_triton_cache()
         self.thread_governor: ThreadGovernor | None = None   # CPU: OpenMP team size per step
         if self.device.type == "cpu":
             keep_freed_memory_on_heap()
@@ -86,6 +97,10 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size, self.device,
                                argmax=self.model.ops.argmax_rows)
         self.token_masks = TokenMasks(model_config.vocab_size, config.max_num_seqs, self.device)
+        self.staging = StepStaging(self.device)   # the step's one host->device copy
+        self.graph_mode = decode_graph_mode(config.cuda_graphs, self.device, self.backend)
+        self.graphs: DecodeGraphs | None = None
+        self.memory_budget: MemoryBudget | None = None   # CUDA sizing's numbers (gpu_check reads)
         self.capacity = self._kv_capacity()
         # the table also owns the padding conventions (its dummy slot, the pool's scratch row)
         self.table = ReqToTokenTable(config.max_num_seqs, self.max_model_len, self.capacity,
@@ -101,14 +116,10 @@ class ModelRunner:
         self.graphs = self._decode_graphs()
 
     def _decode_graphs(self) -> DecodeGraphs | None:
-        enabled = self.config.cuda_graphs
-        if enabled is None:
-            enabled = self.device.type == "cuda"
-        if not enabled:
+        if self.graph_mode is None:
             return None
-        capture = self.device.type == "cuda"
-        graphs = DecodeGraphs(self.model, self.cache, self.table, capture=capture)
-        if capture:
+        graphs = DecodeGraphs(self.model, self.cache, self.table, capture=self.graph_mode == CAPTURE)
+        if graphs.capture:
             graphs.capture_all()
         return graphs
 
@@ -118,52 +129,52 @@ class ModelRunner:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
 
     def _kv_capacity(self) -> int:
-        if self.device.type != "cuda":
-            return self.config.kv_capacity_tokens or max(16384, self.max_model_len)
-        if self.config.kv_capacity_tokens:
-            return self.config.kv_capacity_tokens
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        self._profile_forward()
-        free, total = torch.cuda.mem_get_info()
-        peak_activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        budget = free * self.config.gpu_memory_utilization - peak_activations
-        capacity = int(budget // self.kv_bytes_per_token())
-        if capacity < self.max_model_len:
-            raise ValueError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves "
-                             f"room for {capacity} KV tokens, fewer than max_model_len="
-                             f"{self.max_model_len}")
-        log.info("KV pool: %d tokens (%.2f GiB of %.2f GiB)", capacity,
-                 capacity * self.kv_bytes_per_token() / 2**30, total / 2**30)
-        return capacity
+        """Pool tokens: the flag, the CPU default, or on CUDA what the measured worst step leaves.
 
-    def _profile_forward(self) -> None:
-        """One prefill forward at the token budget, on a scratch pool, to measure peak memory."""
-        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        cfg = self.model_config
-        shape = (tokens, cfg.num_kv_heads, cfg.head_dim)
-        scratch = KVCache(k=[torch.zeros(shape, dtype=self.dtype, device=self.device)] * cfg.num_layers,
-                          v=[torch.zeros(shape, dtype=self.dtype, device=self.device)] * cfg.num_layers,
-                          req_to_token=torch.arange(tokens, dtype=torch.int32,
-                                                    device=self.device).view(1, tokens))
-        dev = self.device
-        batch = ForwardBatch(
-            input_ids=torch.zeros(tokens, dtype=torch.int64, device=dev),
-            positions=torch.arange(tokens, device=dev),
-            out_rows=torch.arange(tokens, device=dev),
-            slots=torch.zeros(1, dtype=torch.int32, device=dev),
-            logits_index=torch.tensor([tokens - 1], device=dev),
-            num_decode=0, seq_lens=torch.zeros(0, dtype=torch.int32, device=dev), max_seq_len=0,
-            prefix_lens=torch.zeros(1, dtype=torch.int32, device=dev),
-            cu_new_lens=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
-            max_new_len=tokens)
-        self.model.forward(batch, scratch)
-        torch.cuda.synchronize()
-        del scratch
+        On the compiled Triton backend the worst step also runs when the size is given: it
+        compiles every kernel variant serving needs before the first request.
+        """
+        given = self.config.kv_capacity_tokens
+        sizing = self.device.type == "cuda" and not given
+        if sizing or (self.backend == "triton" and not interpret_mode()):
+            step_peak, decode_peak = profile_worst_step(self, measure=sizing)
+            if sizing:
+                return self._capacity_from_memory(step_peak, decode_peak)
+        return given or max(16384, self.max_model_len)
+
+    def _capacity_from_memory(self, step_peak: int, decode_peak: int,
+                              memory: DeviceMemory | None = None) -> int:
+        """Tokens the pool gets once the worst step's and the graphs' peaks are measured."""
+        cfg = self.config
+        buckets = batch_buckets(cfg.max_num_seqs) if self.graph_mode == CAPTURE else []
+        logits_width = self.model.weights.lm_head.shape[0]
+        budget = read_budget(memory or CudaMemory(self.device), step_peak,
+                             graph_reserve_bytes(buckets, logits_width, decode_peak),
+                             table_bytes=(cfg.max_num_seqs + 1) * self.max_model_len * 4)
+        capacity = budget.kv_tokens(self.kv_bytes_per_token(), cfg.gpu_memory_utilization)
+        if capacity < self.max_model_len:
+            raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves room for "
+                             f"{capacity} KV tokens, fewer than max_model_len={self.max_model_len} "
+                             f"(free {budget.free / 2**30:.2f} GiB, reserved "
+                             f"{budget.reserved / 2**30:.2f} GiB)")
+        self.memory_budget = budget
+        log.info("KV pool: %d tokens (%.2f GiB of %.2f GiB; reserved: worst step %.2f GiB, "
+                 "graphs %.2f GiB, table %.2f GiB, slack %.2f GiB)", capacity,
+                 capacity * self.kv_bytes_per_token() / 2**30, budget.total / 2**30,
+                 step_peak / 2**30, budget.graph_reserve / 2**30, budget.table_bytes / 2**30,
+                 budget.slack / 2**30)
+        return capacity
 
     # ---- one step -----------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
-        """Run the plan's forward pass; sample for chunks with `samples` (in plan order)."""
+        """Run the plan's forward pass; sample for chunks with `samples` (in plan order).
+
+        The result's tensors are on the CPU (one device->host copy of all of them)."""
+        bind_thread(self.device)   # torch's current device is per thread
+        sampled = self._execute(plan)
+        return None if sampled is None else outputs_to_host(sampled)
+
+    def _execute(self, plan: StepPlan) -> SamplerOutput | None:
         if self.thread_governor is not None:
             self.thread_governor.tick()   # a clock read; /proc twice a second
         batch, sampled = self._build_batch(plan)
@@ -209,25 +220,41 @@ class ModelRunner:
             if chunk.samples:
                 logits_index.append(len(input_ids) - 1)
                 sampled.append(chunk)
-        dev = self.device
-        rows_flat = torch.from_numpy(np.concatenate([c.new_rows for c in chunks]))
-        table.write(np.concatenate(table_pos), np.concatenate(table_rows))
-        nd = len(plan.decode)
+        return self._stage_batch(plan, input_ids, positions, table_pos, table_rows,
+                                 logits_index), sampled
+
+    def _stage_batch(self, plan: StepPlan, input_ids: list[int], positions: list[np.ndarray],
+                     table_pos: list[np.ndarray], table_rows: list[np.ndarray],
+                     logits_index: list[int]) -> ForwardBatch:
+        """The step's index tensors on the device after one host->device copy (into the CUDA
+        graphs' static inputs for a graph step); the table updates are scattered on the device."""
+        chunks, nd = plan.chunks, len(plan.decode)
+        arrays = {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                  "positions": np.concatenate(positions).astype(np.int64, copy=False),
+                  "out_rows": np.concatenate([c.new_rows for c in chunks]).astype(np.int64, copy=False),
+                  "slots": np.array([c.seq.slot for c in chunks], dtype=np.int32),
+                  "seq_lens": np.array([c.start + 1 for c in plan.decode], dtype=np.int32),
+                  "table_pos": np.concatenate(table_pos).astype(np.int64, copy=False),
+                  "table_rows": np.concatenate(table_rows).astype(np.int32, copy=False)}
         prefill_lens = [c.num_tokens for c in plan.prefill]
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            out_rows=rows_flat.to(dev),
-            slots=torch.tensor([c.seq.slot for c in chunks], dtype=torch.int32, device=dev),
-            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
-            num_decode=nd,
-            seq_lens=torch.tensor([c.start + 1 for c in plan.decode], dtype=torch.int32, device=dev),
-            max_seq_len=max((c.start + 1 for c in plan.decode), default=0),
-            prefix_lens=torch.tensor([c.start for c in plan.prefill], dtype=torch.int32, device=dev),
-            cu_new_lens=torch.tensor(np.concatenate([[0], np.cumsum(prefill_lens, dtype=np.int64)]),
-                                     dtype=torch.int32, device=dev),
+        graphs = self.graphs
+        if graphs is not None and not plan.prefill and graphs.fits(nd) and len(logits_index) == nd:
+            views = graphs.stage(self.staging, arrays)
+            views.update(logits_index=graphs.logits_index[:nd], prefix_lens=graphs._empty_i32,
+                         cu_new_lens=graphs._cu_zero)
+        else:
+            arrays.update(
+                logits_index=np.asarray(logits_index, dtype=np.int64),
+                prefix_lens=np.array([c.start for c in plan.prefill], dtype=np.int32),
+                cu_new_lens=np.concatenate([[0], np.cumsum(prefill_lens)]).astype(np.int32))
+            views = self.staging.stage(arrays)
+        self.table.tensor.view(-1).index_copy_(0, views["table_pos"], views["table_rows"])
+        return ForwardBatch(
+            input_ids=views["input_ids"], positions=views["positions"], out_rows=views["out_rows"],
+            slots=views["slots"], logits_index=views["logits_index"], num_decode=nd,
+            seq_lens=views["seq_lens"], max_seq_len=max((c.start + 1 for c in plan.decode), default=0),
+            prefix_lens=views["prefix_lens"], cu_new_lens=views["cu_new_lens"],
             max_new_len=max(prefill_lens, default=0))
-        return batch, sampled
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes by kind, for the metrics gauges."""
@@ -235,8 +262,8 @@ class ModelRunner:
         weights = sum(t.numel() * t.element_size() for t in _weight_tensors(self.model.weights))
         stats = {"kv_cache": kv, "weights": weights}
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info()
-            stats.update(allocated=torch.cuda.memory_allocated(), total=total, free=free)
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats.update(allocated=torch.cuda.memory_allocated(self.device), total=total, free=free)
         return stats
 
 
