@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine_svc.engine import DuplicateRequestError, LLMEngine, QueueFullError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
+from engine_svc.grammar import ResponseFormat
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
@@ -44,7 +45,17 @@ def _sampling_from_proto(request: engine_pb2.EngineGenerateRequest) -> SamplingP
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         seed=msg.seed if msg.HasField("seed") else None, top_logprobs=request.top_logprobs,
-        logit_bias=dict(request.logit_bias))
+        logit_bias=dict(request.logit_bias),
+        response_format=_response_format_from_proto(request.response_format))
+
+
+def _response_format_from_proto(msg: generate_pb2.ResponseFormat) -> ResponseFormat | None:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return ResponseFormat(kind, choices=tuple(msg.choice.values))
+    return ResponseFormat(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 def _response(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
@@ -98,6 +109,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                           stop_token_ids=list(request.stop_token_ids),
                                           ignore_eos=request.ignore_eos,
                                           min_tokens=request.min_tokens)
+                if sampling.response_format is not None:  # compile off the event loop (cached)
+                    await asyncio.to_thread(self.engine.grammars.compile,
+                                            sampling.response_format)
                 self.engine_loop.metrics.on_request_added(request_id)
                 self.engine.add_request(request_id, list(request.prompt_token_ids), sampling,
                                         stopping)
@@ -130,6 +144,16 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         found = self.engine.is_live(request.request_id)
         self.engine.abort(request.request_id)
         return engine_pb2.AbortResponse(found=found)
+
+    async def CompileResponseFormat(self, request, context):
+        fmt = _response_format_from_proto(request.response_format)
+        if fmt is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "response_format must be set")
+        try:
+            await asyncio.to_thread(self.engine.grammars.compile, fmt)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return engine_pb2.CompileResponseFormatResponse()
 
     async def GetInfo(self, request, context):
         engine, runner = self.engine, self.engine.runner

@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
 from tokenizer_svc.schema import (EngineChunk, EngineLimits, EngineRequest, FinishReason,
-                                  ServiceError, TokenLogprobInfo, UsageCounts)
+                                  ResponseFormatSpec, ServiceError, TokenLogprobInfo,
+                                  UsageCounts)
 
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -52,7 +53,17 @@ def request_to_proto(request: EngineRequest) -> engine_pb2.EngineGenerateRequest
         sampling=_sampling_to_proto(request), max_new_tokens=request.max_new_tokens,
         stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
         top_logprobs=request.top_logprobs, logit_bias=request.logit_bias,
-        min_tokens=request.min_tokens)
+        min_tokens=request.min_tokens,
+        response_format=response_format_to_proto(request.response_format))
+
+
+def response_format_to_proto(spec: ResponseFormatSpec | None) -> generate_pb2.ResponseFormat:
+    """Internal ResponseFormatSpec -> protobuf (None -> an unset ResponseFormat)."""
+    if spec is None:
+        return generate_pb2.ResponseFormat()
+    if spec.kind == "choice":
+        return generate_pb2.ResponseFormat(choice=generate_pb2.Choices(values=list(spec.value)))
+    return generate_pb2.ResponseFormat(**{spec.kind: spec.value})
 
 
 def chunk_from_proto(message: engine_pb2.EngineGenerateResponse) -> EngineChunk:
@@ -136,6 +147,20 @@ class EngineClient:
         finally:
             if not call.done():
                 call.cancel()
+
+    async def check_response_format(self, spec: ResponseFormatSpec,
+                                    timeout_s: float = 30.0) -> None:
+        """Have the engine compile (and cache) a response_format: ValueError with the engine's
+        message (it names the field) when it does not compile, ServiceError when the engine
+        cannot answer."""
+        request = engine_pb2.CompileResponseFormatRequest(
+            response_format=response_format_to_proto(spec))
+        try:
+            await self._stub.CompileResponseFormat(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(error.details()) from None
+            raise self._error(error) from None
 
     async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
         """Ask the engine to abort a request; False when it was unknown or the call failed."""

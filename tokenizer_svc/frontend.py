@@ -164,12 +164,14 @@ class FrontendCore:
                                                 limits.max_model_len,
                                                 self.config.default_max_new_tokens)
         check_min_tokens(request.min_tokens, max_new_tokens)
+        if request.response_format is not None:  # the engine compiles it: ValueError if bad
+            await self._source.check_response_format(request.response_format)
         return EngineRequest(
             request_id=request.request_id, prompt_token_ids=prompt_ids,
             sampling=request.sampling, max_new_tokens=max_new_tokens,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
             top_logprobs=request.top_logprobs, logit_bias=dict(request.logit_bias),
-            min_tokens=request.min_tokens)
+            min_tokens=request.min_tokens, response_format=request.response_format)
 
     # ---- tokenizer and model info --------------------------------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool | None, protocol: str

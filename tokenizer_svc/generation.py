@@ -16,7 +16,8 @@ import grpc
 
 from tokenizer_svc.detokenizer import DecodeFn, IncrementalDetokenizer
 from tokenizer_svc.schema import (EngineChunk, EngineRequest, FinishReason, OutputDelta,
-                                  ServiceError, TokenLogprobInfo, UsageCounts)
+                                  ResponseFormatSpec, ServiceError, TokenLogprobInfo,
+                                  UsageCounts)
 from tokenizer_svc.stops import StopStringMatcher
 
 MAX_SEED = 2**63
@@ -30,6 +31,9 @@ class TokenSource(Protocol):
                  timeout_s: float | None = None) -> AsyncIterator[EngineChunk]: ...
 
     async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool: ...
+
+    async def check_response_format(self, spec: ResponseFormatSpec,
+                                    timeout_s: float = 30.0) -> None: ...
 
 
 @dataclass(slots=True)

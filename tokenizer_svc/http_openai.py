@@ -159,8 +159,16 @@ def _response_format(body: GenerationBody) -> ResponseFormatSpec | None:
     if spec.type not in ("json_object", "json_schema"):
         raise ValueError(f"response_format.type must be text, json_object or json_schema, "
                          f"got {spec.type!r}")
-    return ResponseFormatSpec(spec.type, json.dumps(spec.json_schema) if spec.json_schema
-                              else True)
+    if spec.type == "json_object":
+        return ResponseFormatSpec("json_object", True)
+    # OpenAI's shape: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+    if spec.json_schema is None:
+        raise ValueError("response_format.json_schema must be set when response_format.type is "
+                         "json_schema")
+    schema = spec.json_schema.get("schema")
+    if schema is None:  # a named format without a schema: any JSON object
+        return ResponseFormatSpec("json_object", True)
+    return ResponseFormatSpec("json_schema", json.dumps(schema))
 
 
 def _text_request(body: GenerationBody, request_id: str, max_tokens: int | None,

@@ -107,6 +107,7 @@ class EngineRequest:
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
+    response_format: ResponseFormatSpec | None = None
 
 
 @dataclass(slots=True)

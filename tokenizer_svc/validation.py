@@ -6,9 +6,10 @@ tokenizer_svc never pulls in torch); keep the two in sync.
 """
 from __future__ import annotations
 
+import json
 import math
 
-from tokenizer_svc.schema import SamplingSettings, TextRequest
+from tokenizer_svc.schema import ResponseFormatSpec, SamplingSettings, TextRequest
 
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 2.0
@@ -22,6 +23,9 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_N = 16
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_LOGIT_BIAS = 100.0
+RESPONSE_FORMAT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+MAX_RESPONSE_FORMAT_CHARS = 100_000  # a schema, regex or grammar; all choices together
+MAX_CHOICES = 256
 # top_k is a uint32 on the wire: any value >= the vocabulary size keeps every token (same as 0).
 
 
@@ -121,8 +125,48 @@ def validate_generation_features(request: TextRequest) -> None:
         raise ValueError(f"stopping.min_tokens must be <= max_new_tokens "
                          f"({request.max_new_tokens}), got {request.min_tokens}")
     if request.response_format is not None:
-        raise ValueError(f"response_format is not supported yet "
-                         f"(got {request.response_format.kind})")
+        validate_response_format(request.response_format)
+
+
+def validate_response_format(spec: ResponseFormatSpec) -> None:
+    """The shape of a response_format (the engine's grammar compiler checks the rest)."""
+    if spec.kind not in RESPONSE_FORMAT_KINDS:
+        raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMAT_KINDS)}, "
+                         f"got {spec.kind!r}")
+    field_name = f"response_format.{spec.kind}"
+    if spec.kind == "json_object":
+        if spec.value is not True:
+            raise ValueError("response_format.json_object must be true when set")
+        return
+    if spec.kind == "choice":
+        values = spec.value if isinstance(spec.value, list) else []
+        if not 1 <= len(values) <= MAX_CHOICES:
+            raise ValueError(f"response_format.choice must hold 1 to {MAX_CHOICES} values, "
+                             f"got {len(values)}")
+        for index, value in enumerate(values):
+            if not value:
+                raise ValueError(f"response_format.choice[{index}] must not be empty")
+        size = sum(len(value) for value in values)
+    else:
+        text = spec.value if isinstance(spec.value, str) else ""
+        if not text:
+            raise ValueError(f"{field_name} must not be empty")
+        size = len(text)
+    if size > MAX_RESPONSE_FORMAT_CHARS:
+        raise ValueError(f"{field_name} must be at most {MAX_RESPONSE_FORMAT_CHARS} characters, "
+                         f"got {size}")
+    if spec.kind == "json_schema":
+        _check_json_schema(str(spec.value))
+
+
+def _check_json_schema(text: str) -> None:
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"response_format.json_schema is not valid JSON: {error}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"response_format.json_schema must be a JSON object (a schema), "
+                         f"got {type(schema).__name__}")
 
 
 def validate_request(request: TextRequest) -> None:

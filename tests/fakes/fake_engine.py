@@ -36,6 +36,7 @@ class FakeEngineRecord:
     abort_calls: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    compiled_formats: list[generate_pb2.ResponseFormat] = field(default_factory=list)
 
 
 class FakeEngine(engine_pb2_grpc.EngineServicer):
@@ -49,6 +50,7 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.record = FakeEngineRecord()
+        self.format_error: str | None = None  # CompileResponseFormat fails with this message
         self._abort_events: dict[str, asyncio.Event] = {}
 
     async def Generate(self, request, context):
@@ -106,6 +108,12 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         if event is not None:
             event.set()
         return engine_pb2.AbortResponse(found=event is not None)
+
+    async def CompileResponseFormat(self, request, context):
+        self.record.compiled_formats.append(request.response_format)
+        if self.format_error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.format_error)
+        return engine_pb2.CompileResponseFormatResponse()
 
     async def GetInfo(self, request, context):
         return engine_pb2.EngineInfo(

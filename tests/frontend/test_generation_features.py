@@ -96,10 +96,19 @@ BAD = [
      "stopping.min_tokens must be <= max_new_tokens (5)"),
     (dict(stopping=generate_pb2.StoppingCriteria(min_tokens=10_000)),
      "stopping.min_tokens must be <= max_new_tokens ("),
-    (dict(response_format=generate_pb2.ResponseFormat(json_object=True)),
-     "response_format is not supported yet"),
+    (dict(response_format=generate_pb2.ResponseFormat(json_schema="{not json")),
+     "response_format.json_schema is not valid JSON"),
+    (dict(response_format=generate_pb2.ResponseFormat(json_schema="[1, 2]")),
+     "response_format.json_schema must be a JSON object (a schema), got list"),
+    (dict(response_format=generate_pb2.ResponseFormat(json_object=False)),
+     "response_format.json_object must be true when set"),
+    (dict(response_format=generate_pb2.ResponseFormat(regex="")),
+     "response_format.regex must not be empty"),
     (dict(response_format=generate_pb2.ResponseFormat(
-        choice=generate_pb2.Choices(values=["a"]))), "response_format is not supported yet"),
+        choice=generate_pb2.Choices(values=["a", ""]))), "response_format.choice[1] must not be "
+     "empty"),
+    (dict(response_format=generate_pb2.ResponseFormat(choice=generate_pb2.Choices())),
+     "response_format.choice must hold 1 to 256 values, got 0"),
 ]
 
 
