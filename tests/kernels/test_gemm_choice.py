@@ -225,7 +225,8 @@ def test_chosen_linear_runs_the_picked_gemm_and_both_give_the_product(
         y = cpu_linear.chosen_linear(x, packed, bias)
         assert y.shape == (rows, out_features) and y.dtype == torch.bfloat16
         scale = _exact(x.abs(), weight.abs(), bias.abs() if bias is not None else None)
-        assert ((y.double() - _exact(x, weight, bias)).abs() <= scale.clamp(min=1.0) * 2.0**-8).all()
+        error = (y.double() - _exact(x, weight, bias)).abs()
+        assert (error <= scale.clamp(min=1.0) * 2.0**-8).all()
         if use[gc.bucket_index(rows)]:   # oneDNN: F.linear's numbers bit for bit
             assert torch.equal(y, F.linear(x, weight, bias))
         else:                            # the C kernel's
