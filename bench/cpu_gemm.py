@@ -79,11 +79,14 @@ def run_chooser(layers: int) -> dict:
     packed = {name: [cpu_linear.pack_native(w) for w in weights] for name, weights in plain.items()}
     table = cpu_linear.choose_gemms(plain, packed)
     print(gemm_choice.format_table(table))
+    def median_ms(times: list[float]) -> float | None:
+        return 1e3 * sorted(times)[len(times) // 2] if times else None
+
     return {name: {"choices": shape.choices(), "buckets": [
-        {"rows": b.rows, "native_ms_median": 1e3 * sorted(b.native_s)[len(b.native_s) // 2],
-         "onednn_ms_median": 1e3 * sorted(b.onednn_s)[len(b.onednn_s) // 2],
-         "measured": b.measured} for b in shape.buckets]}
-        for name, shape in table.shapes.items()} | {"seconds": table.seconds}
+        {"rows": b.rows, "native_ms_median": median_ms(b.native_s),
+         "onednn_ms_median": median_ms(b.onednn_s), "measured": b.measured}
+        for b in shape.buckets]} for name, shape in table.shapes.items()} | {
+        "seconds": table.seconds, "noisy": table.noisy(), "truncated": table.truncated()}
 
 
 def main(argv: list[str] | None = None) -> int:

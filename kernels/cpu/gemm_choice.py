@@ -133,8 +133,10 @@ def decide(native_s: Sequence[float], onednn_s: Sequence[float], margin: float =
 
 
 def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats: int,
-              clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[float]]:
-    """Alternating timed runs of a and b after one warm-up each (a, b, a, b, ...)."""
+              clock: Callable[[], float] = time.perf_counter,
+              deadline: float = math.inf) -> tuple[list[float], list[float]]:
+    """Alternating timed runs of a and b after one warm-up each (a, b, a, b, ...); fewer
+    pairs (at least one) once `deadline` has passed."""
     run_a()
     run_b()
     times_a, times_b = [], []
@@ -143,6 +145,8 @@ def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats:
             start = clock()
             run()
             times.append(clock() - start)
+        if clock() >= deadline:
+            break
     return times_a, times_b
 
 
@@ -157,8 +161,10 @@ def rotation(layers: int, out_features: int, in_features: int, rows: int,
 
 
 def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
-                   clock: Callable[[], float] = time.perf_counter) -> BucketTiming:
-    """Both candidates' seconds per call at `rows` rows, and the pick."""
+                   clock: Callable[[], float] = time.perf_counter,
+                   deadline: float = math.inf) -> BucketTiming:
+    """Both candidates' seconds per call at `rows` rows, and the pick (fewer runs, and the
+    wider noisy margin, when the deadline passes meanwhile)."""
     count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
     x = shape.make_x(rows)
 
@@ -171,10 +177,11 @@ def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
             shape.run_onednn(x, i)
 
     repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
-    native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock)
+    native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock, deadline)
     timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
+    cut_short = len(native_s) < repeats
     timing.choice = decide(timing.native_s, timing.onednn_s,
-                           NOISY_MARGIN if timing.noisy() else MARGIN)
+                           NOISY_MARGIN if cut_short or timing.noisy() else MARGIN)
     return timing
 
 
@@ -194,7 +201,7 @@ def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
             elif clock() >= deadline:
                 buckets.append(BucketTiming(rows, [], [], NATIVE, measured=False))
             else:
-                buckets.append(measure_bucket(shape, rows, cache_bytes, clock))
+                buckets.append(measure_bucket(shape, rows, cache_bytes, clock, deadline))
     return results
 
 

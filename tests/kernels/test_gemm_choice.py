@@ -182,6 +182,9 @@ def test_timing_stops_at_its_budget_bucket_by_bucket_and_is_provisional(tmp_path
         assert shape.choices() == [gc.ONEDNN, gc.ONEDNN, gc.NATIVE, gc.NATIVE, gc.NATIVE]
         assert [b.measured for b in shape.buckets] == [True, True, False, False, False]
     assert "untimed" in gc.format_table(table)
+    # the bucket running when the budget ran out stopped after its first pair of runs
+    assert len(table.shapes["qkv"].buckets[1].native_s) == 5
+    assert len(table.shapes["down"].buckets[1].native_s) == 1
     # smallest bucket first across shapes: both shapes at 1 row before either at 8
     order = [(x, impl) for impl, x, i in calls if i == 0]
     first_8 = next(n for n, (rows, _) in enumerate(order) if rows == 8)
