@@ -14,14 +14,16 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from engine_svc.config import EngineConfig
 from engine_svc.grammar import GrammarCache
 from engine_svc.kv_pool import KVPool
 from engine_svc.model_runner import ModelRunner
-from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+from engine_svc.params import MAX_SAMPLES, FinishReason, SamplingParams, StoppingParams
 from engine_svc.prefix_cache import PrefixCache
 from engine_svc.scheduler import QueueFullError, Scheduler, StepPlan
-from engine_svc.sequence import Sequence, SeqStatus
+from engine_svc.sequence import Sequence, SeqStatus, make_samples
 from engine_svc.weights import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ class DuplicateRequestError(ValueError):
 
 @dataclass(slots=True)
 class RequestOutput:
-    """New tokens of one request from one step (finish_reason set on its last output)."""
+    """New tokens of one sample of a request from one step (finish_reason set on its last
+    output; each of the n samples ends with its own)."""
 
     request_id: str
     token_ids: list[int]
@@ -45,6 +48,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    index: int = 0                  # which of the request's n samples
 
     @property
     def finished(self) -> bool:
@@ -81,20 +85,21 @@ class LLMEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
-        self._live: dict[str, Sequence] = {}     # request_id -> sequence, until finished
+        self._live: dict[str, list[Sequence]] = {}  # request_id -> its n samples, until all end
         self.last_step = StepStats()
 
     # ---- requests in ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int],
                     sampling: SamplingParams | None = None,
-                    stopping: StoppingParams | None = None) -> None:
-        """Validate and queue a request.
+                    stopping: StoppingParams | None = None, n: int = 1) -> None:
+        """Validate and queue a request for n samples of the prompt (one prefill; the samples
+        share the prompt's pool rows, sample i draws with seed + i; outputs carry `index`).
 
         Raises ValueError (bad input), DuplicateRequestError (id in flight) or QueueFullError.
         """
         sampling = sampling or SamplingParams()
         stopping = stopping or StoppingParams()
-        self._validate(request_id, prompt_ids, sampling, stopping)
+        self._validate(request_id, prompt_ids, sampling, stopping, n)
         if sampling.response_format is not None:  # ValueError naming the field if it won't compile
             sampling = replace(sampling,
                                response_format=self.grammars.prepare(sampling.response_format))
@@ -102,26 +107,34 @@ class LLMEngine:
         if stopping.min_tokens:
             eos = () if stopping.ignore_eos else self.eos_ids
             seq.stop_ids_banned = tuple(sorted(set(stopping.stop_token_ids) | set(eos)))
+        samples = make_samples(seq, n)
         with self._lock:
             if request_id in self._live:
                 raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
             self.scheduler.add(seq)      # raises QueueFullError at the queue limit
-            self._live[request_id] = seq
+            self._live[request_id] = samples
         self._wakeup.set()
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it already ended); its rows are freed at the next step.
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort a request, or only its sample `index` (no-op for what already ended); rows
+        are freed at the next step, and each aborted sample ends with an ABORTED output.
 
-        A waiting request leaves the queue at once (its place is free for the next one); a
+        A waiting sample leaves the queue at once (its place is free for the next one); a
         running one is finished by the engine thread, which may be computing it right now.
         """
         with self._lock:
-            seq = self._live.pop(request_id, None)
-            if seq is None:
+            samples = self._live.get(request_id)
+            if samples is None:
                 return
-            if seq.status is SeqStatus.WAITING:
-                self.scheduler.finish(seq, FinishReason.ABORTED)
-        self._inbox.put(("abort", seq))
+            for seq in samples if index is None else samples[index:index + 1]:
+                if seq.abort_requested or seq.status is SeqStatus.FINISHED:
+                    continue
+                seq.abort_requested = True
+                if seq.status is not SeqStatus.RUNNING:
+                    self.scheduler.finish(seq, FinishReason.ABORTED)
+                self._inbox.put(("abort", seq))
+            if all(s.abort_requested or s.status is SeqStatus.FINISHED for s in samples):
+                del self._live[request_id]   # the id is free for a new request at once
         self._wakeup.set()
 
     def is_live(self, request_id: str) -> bool:
@@ -131,11 +144,15 @@ class LLMEngine:
     def rows_held_by_requests(self) -> int:
         """Pool rows that queued/running requests hold (cache-only rows are reclaimable).
 
-        Requests share rows only through the prefix cache, so every row with two or more
-        references is in the tree, and the tree holds one reference per row it caches.
+        Distinct requests share rows only through the prefix cache, so every row with two or
+        more references is in the tree, and the tree holds one reference per row it caches.
+        Forked samples (n > 1) share their prompt outside it too: then count the rows held.
         """
         if self.prefix_cache is None:
             return self.pool.num_used
+        running = self.scheduler.running
+        if any(seq.index for seq in running):
+            return int(np.unique(np.concatenate([seq.rows for seq in running])).size)
         return self.pool.num_used - self.prefix_cache.num_cached_tokens + self.pool.num_shared
 
     def clear_prefix_cache(self) -> None:
@@ -144,9 +161,14 @@ class LLMEngine:
         self._wakeup.set()
 
     def _validate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                  stopping: StoppingParams) -> None:
+                  stopping: StoppingParams, n: int) -> None:
         if not request_id:
             raise ValueError("request_id must not be empty")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n ({n}) must be <= max_num_seqs ({self.config.max_num_seqs}): "
+                             "the samples run side by side")
         if not prompt_ids:
             raise ValueError("prompt_token_ids must hold at least 1 token")
         vocab = self.model_config.vocab_size
@@ -210,7 +232,7 @@ class LLMEngine:
 
     def _process(self, plan: StepPlan, sampled) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        sampled_chunks = [c for c in plan.chunks if c.samples]
+        sampled_chunks = plan.sampled   # the runner's order: forks after their chunk
         if sampled is None or not sampled_chunks:
             return outputs
         token_ids = sampled.token_ids.tolist()
@@ -220,7 +242,7 @@ class LLMEngine:
         now = time.monotonic()
         for i, chunk in enumerate(sampled_chunks):
             seq = chunk.seq
-            if seq.status is not SeqStatus.RUNNING or self._live.get(seq.request_id) is not seq:
+            if seq.status is not SeqStatus.RUNNING or seq.abort_requested:
                 continue  # aborted: its rows go back when the abort is drained
             token = token_ids[i]
             if seq.grammar is not None and not seq.grammar.accept(token):
@@ -230,7 +252,7 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            out = RequestOutput(seq.request_id, [token])
+            out = RequestOutput(seq.request_id, [token], index=seq.index)
             k = seq.sampling.top_logprobs
             if k and logprobs is not None and top_ids is not None:
                 # only a request that asked gets logprobs: the same alone or in any batch
@@ -273,9 +295,10 @@ class LLMEngine:
 
     def _final(self, seq: Sequence, token_ids: list[int],
                out: RequestOutput | None = None) -> RequestOutput:
-        if self._live.get(seq.request_id) is seq:  # the id may already name a newer request
+        samples = self._live.get(seq.request_id)   # (the id may already name a newer request)
+        if samples is not None and seq in samples and all(s.finish_reason is not None for s in samples):
             del self._live[seq.request_id]
-        out = out or RequestOutput(seq.request_id, token_ids)
+        out = out or RequestOutput(seq.request_id, token_ids, index=seq.index)
         out.finish_reason = seq.finish_reason
         out.prompt_tokens = len(seq.prompt_ids)
         out.completion_tokens = len(seq.output_ids)

@@ -47,7 +47,8 @@ class EngineMetrics:
                                   "prompt tokens served by the prefix cache", registry=r)
         self.preemptions = Counter("llmserve_preemptions", "requests preempted for KV room",
                                    registry=r)
-        self.finished = Counter("llmserve_requests_finished", "requests ended, by reason",
+        self.finished = Counter("llmserve_requests_finished",
+                                "requests ended, by reason (each of n samples counts)",
                                 ["reason"], registry=r)
         self.ttft = Histogram("llmserve_time_to_first_token_seconds", "arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -67,7 +68,8 @@ class EngineMetrics:
             self.step_duration.labels(phase=phase)
         self.kv_capacity.set(engine.pool.capacity)
         self._arrival: dict[str, float] = {}
-        self._last_token: dict[str, float] = {}
+        self._samples_left: dict[str, int] = {}             # request_id -> samples not ended
+        self._last_token: dict[tuple[str, int], float] = {}  # (request_id, sample index) -> time
         self._seen_preemptions = 0
         self._seen_queried = 0
         self._seen_hit = 0
@@ -77,8 +79,10 @@ class EngineMetrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def on_request_added(self, request_id: str) -> None:
+    def on_request_added(self, request_id: str, n: int = 1) -> None:
+        """A request for n samples arrived (its clock for TTFT and e2e latency starts)."""
         self._arrival[request_id] = time.monotonic()
+        self._samples_left[request_id] = n
 
     def record_step(self, outputs: list[RequestOutput]) -> None:
         """Update every metric from the engine's state and one step's outputs."""
@@ -98,19 +102,24 @@ class EngineMetrics:
 
     def _record_output(self, out: RequestOutput, now: float) -> None:
         arrival = self._arrival.get(out.request_id, now)
+        sample = (out.request_id, out.index)
         if out.token_ids:
             self.generation_tokens.inc(len(out.token_ids))
-            last = self._last_token.get(out.request_id)
-            if last is None:
-                self.ttft.observe(now - arrival)
-            else:
+            last = self._last_token.get(sample)
+            if last is not None:
                 self.itl.observe(now - last)
-            self._last_token[out.request_id] = now
+            elif out.index == 0:   # the samples' first tokens come from one step: count once
+                self.ttft.observe(now - arrival)
+            self._last_token[sample] = now
         if out.finished:
             self.finished.labels(reason=out.finish_reason.value).inc()
-            self.e2e.observe(now - arrival)
-            self._arrival.pop(out.request_id, None)
-            self._last_token.pop(out.request_id, None)
+            self._last_token.pop(sample, None)
+            left = self._samples_left.pop(out.request_id, 1) - 1
+            if left > 0:
+                self._samples_left[out.request_id] = left
+            else:
+                self.e2e.observe(now - arrival)
+                self._arrival.pop(out.request_id, None)
 
     def _record_pool(self, engine: LLMEngine) -> None:
         pool, scheduler = engine.pool, engine.scheduler

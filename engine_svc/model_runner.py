@@ -220,6 +220,11 @@ class ModelRunner:
             if chunk.samples:
                 logits_index.append(len(input_ids) - 1)
                 sampled.append(chunk)
+            for fork in chunk.forks:  # another sample of this prompt: its rows, the same logits
+                table_rows.append(fork.seq.rows)
+                table_pos.append(table.positions(fork.seq.slot, 0, fork.start))
+                logits_index.append(len(input_ids) - 1)
+                sampled.append(fork)
         return self._stage_batch(plan, input_ids, positions, table_pos, table_rows,
                                  logits_index), sampled
 

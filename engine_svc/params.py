@@ -18,7 +18,8 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_LOGIT_BIAS = 100.0
-MAX_SAMPLES = 16
+MAX_SAMPLES = 16          # n: samples of one prompt
+MAX_SEED = 2**63
 
 
 class FinishReason(str, Enum):
@@ -82,7 +83,7 @@ class SamplingParams:
             value = getattr(self, name)
             if not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(

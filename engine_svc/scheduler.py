@@ -31,6 +31,9 @@ class ScheduledChunk:
     num_tokens: int
     new_rows: np.ndarray        # [num_tokens] int64 pool rows for these tokens
     samples: bool               # the chunk reaches the last known token: sample the next one
+    # samples of the same request forked here (num_tokens 0): they share this sequence's prompt
+    # rows and sample their first token from this chunk's last logits
+    forks: list[ScheduledChunk] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -48,6 +51,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return len(self.decode) + sum(c.num_tokens for c in self.prefill)
+
+    @property
+    def sampled(self) -> list[ScheduledChunk]:
+        """Chunks that sample a token, in the runner's order: each one, then its forks."""
+        return [c for chunk in self.chunks if chunk.samples for c in (chunk, *chunk.forks)]
 
 
 class QueueFullError(RuntimeError):
@@ -82,6 +90,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new request (the only way in); raises QueueFullError at max_queue waiting.
 
+        The n samples of one request come in as one sequence whose `forks` (make_samples) start
+        when its prompt is prefilled, sharing its rows; admission keeps a slot for each.
+
         Preempted requests go back to the queue's head without this check: a request already
         accepted is never refused later, nor pushes a newer accepted one out.
         """
@@ -91,16 +102,33 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """End a sequence (any state): rows go back to the pool (or the prefix cache)."""
+        """End a sequence (any state): rows go back to the pool (or the prefix cache).
+
+        A sequence that ends before its forks took its prompt hands its place in the queue or
+        the running set, its slot and its prompt rows so far to the first of them.
+        """
         if seq.status is SeqStatus.FINISHED:
             return
-        if seq.status is SeqStatus.WAITING:
+        pending = seq.pending_forks
+        if pending:
+            self._hand_over(seq, pending[0], pending[1:])
+        elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        else:
+        elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         self._release(seq, cache_it=reason is not FinishReason.ABORTED)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        seq.forks = []
+
+    def _hand_over(self, seq: Sequence, heir: Sequence, forks: list[Sequence]) -> None:
+        """heir (a fork of seq: the same prompt, nothing generated yet) takes seq's place."""
+        queue = self.waiting if seq.status is SeqStatus.WAITING else self.running
+        queue[queue.index(seq)] = heir
+        heir.status, heir.slot, seq.slot = seq.status, seq.slot, -1
+        heir.append_rows(seq.drop_rows())
+        heir.forks = forks
+        heir.cached_tokens, heir.num_preemptions = seq.cached_tokens, seq.num_preemptions
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -116,7 +144,8 @@ class Scheduler:
         return plan
 
     def _schedule_decodes(self, plan: StepPlan) -> int:
-        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        # (a sequence with forks computes its last prompt token as a prefill chunk, which forks)
+        decoding = [s for s in self.running if s.num_uncomputed == 1 and not s.forks]
         while decoding:
             rows = self._alloc(len(decoding))
             if rows is not None:
@@ -132,7 +161,8 @@ class Scheduler:
         return len(decoding)
 
     def _schedule_running_prefills(self, plan: StepPlan, budget: int) -> int:
-        for seq in [s for s in self.running if s.num_uncomputed > 1]:
+        for seq in [s for s in self.running if s.num_uncomputed > 1
+                    or (s.forks and s.num_uncomputed)]:
             if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
@@ -152,12 +182,18 @@ class Scheduler:
         return budget
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and self.slots.num_free:
+        # slots promised to forks of running sequences are not given to anyone else
+        promised = sum(len(s.pending_forks) for s in self.running)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            forks = len(seq.pending_forks)
+            if self.slots.num_free - promised < 1 + forks:
+                break
             cached = self._match_prefix(seq)
             count = min(seq.num_uncomputed, budget)
-            # keep one free row per running request so the next decode step need not preempt
-            reserve = len(self.running) + 1
+            # keep one free row per running sample (and per fork) so the next decode step need
+            # not preempt
+            reserve = len(self.running) + promised + 1 + forks
             rows = self._alloc(count, reserve=reserve)
             if rows is None:
                 if cached:
@@ -168,11 +204,32 @@ class Scheduler:
             seq.slot = self.slots.alloc()
             self.running.append(seq)
             plan.prefill.append(self._chunk(seq, count, rows))
+            promised += len(seq.pending_forks)   # 0 when this chunk already forked them
             budget -= count
 
     def _chunk(self, seq: Sequence, count: int, rows: np.ndarray) -> ScheduledChunk:
-        return ScheduledChunk(seq, seq.num_computed, count, rows,
-                              seq.num_computed + count == seq.num_tokens)
+        chunk = ScheduledChunk(seq, seq.num_computed, count, rows,
+                               seq.num_computed + count == seq.num_tokens)
+        if chunk.samples and seq.forks:
+            self._fork(chunk)
+        return chunk
+
+    def _fork(self, chunk: ScheduledChunk) -> None:
+        """Start the pending forks of chunk.seq, whose prompt this chunk completes: each takes
+        one more reference on the prompt's rows (no copy), a slot (promised at admission) and a
+        place right after its siblings in the running set (arrival order)."""
+        seq = chunk.seq
+        pending, seq.forks = seq.pending_forks, []
+        rows = np.concatenate([seq.rows, chunk.new_rows])    # [prompt] the whole prompt's rows
+        at = self.running.index(seq) + 1
+        for fork in pending:
+            self.pool.share(rows)
+            fork.append_rows(rows)
+            fork.slot = self.slots.alloc()
+            fork.status = SeqStatus.RUNNING
+            fork.cached_tokens = seq.cached_tokens
+            chunk.forks.append(ScheduledChunk(fork, len(rows), 0, rows[:0], True))
+        self.running[at:at] = pending
 
     def _match_prefix(self, seq: Sequence) -> int:
         """Reuse cached rows for the longest known prefix (at least one token left to compute)."""

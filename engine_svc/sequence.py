@@ -1,31 +1,36 @@
 """A request as the scheduler sees it: token ids, pool rows, progress. No torch here."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
-from engine_svc.params import FinishReason, SamplingParams, StoppingParams
+from engine_svc.params import MAX_SEED, FinishReason, SamplingParams, StoppingParams
 
 
 class SeqStatus(Enum):
     """Where a sequence is in its life."""
 
     WAITING = "waiting"
+    FORK_PENDING = "fork_pending"   # sample i > 0 of an n request, before its prompt is prefilled
     RUNNING = "running"
     FINISHED = "finished"
 
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request: prompt + generated ids, and the pool rows holding their K/V."""
+    """One sample of a request: prompt + generated ids, and the pool rows holding their K/V."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     stopping: StoppingParams
+    index: int = 0                      # which of the request's n samples this is
+    forks: list[Sequence] = field(default_factory=list)  # samples that fork off this one's prompt
+    abort_requested: bool = False       # set by LLMEngine.abort; the engine thread ends it
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
@@ -48,6 +53,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
+
+    @property
+    def pending_forks(self) -> list[Sequence]:
+        """The forks still waiting for this sequence's prompt (not ended meanwhile)."""
+        return [f for f in self.forks if f.status is SeqStatus.FORK_PENDING]
 
     @property
     def rows(self) -> np.ndarray:
@@ -89,3 +99,17 @@ class Sequence:
         rows = self._rows[:self.num_computed].copy()
         self.num_computed = 0
         return rows
+
+
+def make_samples(leader: Sequence, n: int) -> list[Sequence]:
+    """The n samples of one request: `leader` (index 0) and n - 1 forks that will share its
+    prompt's pool rows once it is prefilled; with a seed, sample i draws with seed + i."""
+    seed = leader.sampling.seed
+    for index in range(1, n):
+        sampling = (leader.sampling if seed is None
+                    else dataclasses.replace(leader.sampling, seed=(seed + index) % MAX_SEED))
+        leader.forks.append(Sequence(
+            leader.request_id, leader.prompt_ids, sampling, leader.stopping, index=index,
+            arrival_time=leader.arrival_time, status=SeqStatus.FORK_PENDING,
+            stop_ids_banned=leader.stop_ids_banned))
+    return [leader, *leader.forks]

@@ -59,7 +59,7 @@ def _response_format_from_proto(msg: generate_pb2.ResponseFormat) -> ResponseFor
 
 
 def _response(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
-    msg = engine_pb2.EngineGenerateResponse(token_ids=out.token_ids)
+    msg = engine_pb2.EngineGenerateResponse(token_ids=out.token_ids, index=out.index)
     for i, (token, logprob) in enumerate(zip(out.token_ids, out.logprobs)):
         if out.top_logprobs:
             entry = msg.logprobs.add(token_id=token, logprob=logprob)
@@ -112,9 +112,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 if sampling.response_format is not None:  # compile off the event loop (cached)
                     await asyncio.to_thread(self.engine.grammars.compile,
                                             sampling.response_format)
-                self.engine_loop.metrics.on_request_added(request_id)
+                samples = request.n or 1
+                self.engine_loop.metrics.on_request_added(request_id, samples)
                 self.engine.add_request(request_id, list(request.prompt_token_ids), sampling,
-                                        stopping)
+                                        stopping, n=samples)
             except QueueFullError as err:
                 finished = True
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
@@ -131,7 +132,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     await context.abort(grpc.StatusCode.INTERNAL,
                                         f"engine loop failed: {self.engine_loop.error!r}")
                 yield _response(out)
-                if out.finished:
+                samples -= out.finished
+                if samples == 0:   # every sample sent its last message
                     finished = True
                     return
         finally:
@@ -142,7 +144,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     async def Abort(self, request, context):
         found = self.engine.is_live(request.request_id)
-        self.engine.abort(request.request_id)
+        self.engine.abort(request.request_id,
+                          request.index if request.HasField("index") else None)
         return engine_pb2.AbortResponse(found=found)
 
     async def CompileResponseFormat(self, request, context):

@@ -31,8 +31,9 @@ class StreamCoalescer:
         if interval < 1:
             raise ValueError(f"stream interval must be >= 1, got {interval}")
         self.interval = interval
-        self._held: dict[str, RequestOutput] = {}   # request_id -> tokens not sent yet
-        self._streaming: set[str] = set()           # requests whose first token went out
+        # keyed by (request_id, sample index): the n samples of a request are held apart
+        self._held: dict[tuple[str, int], RequestOutput] = {}   # tokens not sent yet
+        self._streaming: set[tuple[str, int]] = set()           # first token went out
 
     @property
     def held_tokens(self) -> int:
@@ -40,27 +41,27 @@ class StreamCoalescer:
         return sum(len(out.token_ids) for out in self._held.values())
 
     def push(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """One step's outputs in; the outputs to send now out (at most one per request)."""
+        """One step's outputs in; the outputs to send now out (at most one per sample)."""
         if self.interval == 1:
             return outputs
         ready: list[RequestOutput] = []
         for out in outputs:
-            request_id = out.request_id
-            held = self._held.pop(request_id, None)
+            sample = (out.request_id, out.index)
+            held = self._held.pop(sample, None)
             if held is not None:
                 out = merge_outputs(held, out)
             if out.finished:
-                self._streaming.discard(request_id)
+                self._streaming.discard(sample)
                 ready.append(out)
-            elif request_id not in self._streaming:
+            elif sample not in self._streaming:
                 if out.token_ids:   # the first token: never held (time to first token)
-                    self._streaming.add(request_id)
+                    self._streaming.add(sample)
                     ready.append(out)
                 # (an unfinished output without tokens carries nothing to send)
             elif len(out.token_ids) >= self.interval:
                 ready.append(out)
             else:
-                self._held[request_id] = out
+                self._held[sample] = out
         return ready
 
     def flush(self) -> list[RequestOutput]:

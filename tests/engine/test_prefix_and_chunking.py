@@ -76,7 +76,7 @@ def test_long_prompt_is_chunked_while_decodes_keep_running(tiny_dir):
     for _ in range(3):
         engine.step()
     engine.add_request("long", ids(400, seed=99, vocab=320), GREEDY, STOP16)
-    long_seq = engine._live["long"]
+    long_seq = engine._live["long"][0]   # sample 0 (the only one)
     steps_with_long = 0
     while long_seq.num_computed < 400:
         engine.step()
@@ -118,7 +118,7 @@ def test_rows_held_by_requests_excludes_cache_only_rows(tiny_dir):
     assert engine.pool.num_used > 0 and engine.rows_held_by_requests() == 0
     engine.add_request("again", prompt + [7, 8], GREEDY, STOP8)
     engine.step()
-    seq = engine._live["again"]
+    seq = engine._live["again"][0]   # sample 0 (the only one)
     # it holds every computed row, some of them shared with the tree (counted once)
     assert engine.rows_held_by_requests() == seq.num_computed
     engine.add_request("twin", prompt + [7, 9], GREEDY, STOP8)

@@ -3,9 +3,10 @@
 Every scheduler test builds its Scheduler, KVPool and PrefixCache through `make_scheduler` and
 its requests through `make_sequence`, so a change of constructor touches only this file. The
 fake runner mirrors what `LLMEngine.step` does around the forward pass (schedule, commit, append
-each sampling chunk's token, finish on length) with plain ints: the next token is a fixed
-function of the tokens before it, like a greedy model, and the runner records which token
-prefix each pool row holds, so a test can check that every request reads the rows it wrote.
+each sampling chunk's token, forks included, finish on length) with plain ints: the next token
+is a fixed function of the tokens before it and of the sample's index (so the n samples of one
+prompt part ways), like a greedy model, and the runner records which token prefix each pool row
+holds, so a test can check that every request reads the rows it wrote.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from engine_svc.params import FinishReason, SamplingParams, StoppingParams
 from engine_svc.prefix_cache import PrefixCache
 from engine_svc.req_to_token import SlotAllocator
 from engine_svc.scheduler import Scheduler, StepPlan
-from engine_svc.sequence import Sequence, SeqStatus
+from engine_svc.sequence import Sequence, SeqStatus, make_samples
 
 FAKE_VOCAB = 7  # a small alphabet: generated tails repeat, so outputs share prefixes too
 
@@ -37,22 +38,28 @@ def make_scheduler(capacity: int, *, max_num_seqs: int = 4, max_num_batched_toke
     return Scheduler(config, pool, SlotAllocator(max_num_seqs), prefix_cache), pool, prefix_cache
 
 
-def make_sequence(request_id: str, prompt: list[int], max_new_tokens: int) -> Sequence:
-    """A greedy request that ends after max_new_tokens (no EOS)."""
-    return Sequence(request_id, list(prompt), SamplingParams(temperature=0.0),
-                    StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+def make_sequence(request_id: str, prompt: list[int], max_new_tokens: int,
+                  n: int = 1) -> Sequence:
+    """A greedy request that ends after max_new_tokens (no EOS); n > 1: its `forks` are the
+    other samples (sequence.make_samples)."""
+    seq = Sequence(request_id, list(prompt), SamplingParams(temperature=0.0),
+                   StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    make_samples(seq, n)
+    return seq
 
 
-def fake_next_token(tokens: list[int]) -> int:
-    """The fake model: a deterministic function of the whole prefix, in [0, FAKE_VOCAB)."""
-    return (sum(tokens) * 5 + len(tokens) * 3 + tokens[-1]) % FAKE_VOCAB
+def fake_next_token(tokens: list[int], sample_index: int = 0) -> int:
+    """The fake model: a deterministic function of the whole prefix and the sample's index,
+    in [0, FAKE_VOCAB)."""
+    return (sum(tokens) * 5 + len(tokens) * 3 + tokens[-1] + 2 * sample_index) % FAKE_VOCAB
 
 
-def expected_output(prompt: list[int], max_new_tokens: int, max_model_len: int) -> list[int]:
-    """What the fake model generates for a prompt run alone."""
+def expected_output(prompt: list[int], max_new_tokens: int, max_model_len: int,
+                    sample_index: int = 0) -> list[int]:
+    """What the fake model generates for a prompt run alone (as sample `sample_index`)."""
     tokens = list(prompt)
     while len(tokens) - len(prompt) < max_new_tokens and len(tokens) < max_model_len:
-        tokens.append(fake_next_token(tokens))
+        tokens.append(fake_next_token(tokens, sample_index))
     return tokens[len(prompt):]
 
 
@@ -106,11 +113,11 @@ class FakeRunner:
             during(plan)
         self._compute(plan)
         scheduler.commit(plan)
-        for chunk in plan.chunks:
+        for chunk in plan.sampled:
             seq = chunk.seq
-            if not chunk.samples or seq.status is not SeqStatus.RUNNING:
+            if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.output_ids.append(fake_next_token(seq.all_token_ids()))
+            seq.output_ids.append(fake_next_token(seq.all_token_ids(), seq.index))
             if (len(seq.output_ids) >= seq.stopping.max_new_tokens
                     or seq.num_tokens >= self.max_model_len):
                 scheduler.finish(seq, FinishReason.LENGTH)
@@ -118,10 +125,9 @@ class FakeRunner:
         return record
 
     def _compute(self, plan: StepPlan) -> None:
-        """The fake forward pass: write each chunk's token prefixes into its new rows."""
-        for chunk in plan.chunks:
-            if chunk.seq.status is not SeqStatus.RUNNING:
-                continue
+        """The fake forward pass: write each chunk's token prefixes into its new rows (also for
+        a chunk whose sequence ended while the step ran: forks may share those rows)."""
+        for chunk in plan.chunks:  # every planned chunk, as the real forward pass computes it
             tokens = tuple(chunk.seq.all_token_ids())
             for offset, row in enumerate(np.asarray(chunk.new_rows).tolist()):
                 self.row_content[row] = tokens[:chunk.start + offset + 1]

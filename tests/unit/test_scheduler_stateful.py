@@ -1,10 +1,11 @@
 """Scheduler + KV pool + prefix cache as a hypothesis state machine, driven by the fake runner.
 
-Rules add requests (prompts from a few shared stems), step, abort (between steps or while a
-step runs), finish a request the way EOS would, and drain everything. After every rule the
-pool's reference counts must equal the rows held by live requests plus the tree's rows, every
-row a request or the tree holds must hold the K/V of that exact token prefix, and the queue
-and running set must stay in arrival order. Each step must keep to the token budget and
+Rules add requests (prompts from a few shared stems; some ask for n = 2 or 3 samples, which
+fork off the prompt's rows), step, abort a sample (between steps or while a step runs, before
+or after its forks started), finish a sample the way EOS would, and drain everything. After
+every rule the pool's reference counts must equal the rows held by live samples plus the tree's
+rows, every row a sample or the tree holds must hold the K/V of that exact token prefix, and
+the queue and running set must stay in arrival order (samples of one request by index). Each step must keep to the token budget and
 preempt only the newest running requests; a drain must finish within a bounded number of steps
 and, once the cache is cleared, leave the pool idle.
 """
@@ -41,17 +42,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_model_len=MAX_MODEL_LEN, prefix_caching=prefix_caching)
         self.runner = FakeRunner(self.scheduler, MAX_MODEL_LEN)
         self.arrival: dict[str, int] = {}   # request id -> arrival index
-        self.live: list[Sequence] = []      # added, not finished
-        self.cut_short: set[str] = set()    # requests ended before their full length
+        self.live: list[Sequence] = []      # samples added, not finished
+        self.cut_short: set[int] = set()    # id() of samples ended before their full length
 
     # ---- rules ---------------------------------------------------------------------------
-    @rule(prompt=prompts, max_new=st.integers(1, 24))
-    def add_request(self, prompt: list[int], max_new: int) -> None:
+    @rule(prompt=prompts, max_new=st.integers(1, 24), n=st.sampled_from([1, 1, 2, 3]))
+    def add_request(self, prompt: list[int], max_new: int, n: int = 1) -> None:
         max_new = min(max_new, MAX_MODEL_LEN - len(prompt))
-        seq = make_sequence(f"r{len(self.arrival)}", prompt, max_new)
+        seq = make_sequence(f"r{len(self.arrival)}", prompt, max_new, min(n, self.max_num_seqs))
         self.scheduler.add(seq)
         self.arrival[seq.request_id] = len(self.arrival)
-        self.live.append(seq)
+        self.live.extend([seq, *seq.forks])
+        if seq.forks:
+            event(f"n = {len(seq.forks) + 1}")
 
     @rule(burst=st.lists(st.tuples(prompts, st.integers(8, 24)), min_size=2, max_size=4))
     def add_burst(self, burst: list[tuple[list[int], int]]) -> None:
@@ -69,7 +72,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def abort_while_the_step_runs(self, data: st.DataObject) -> None:
         def abort_one(plan) -> None:
             if plan.chunks:
-                self._end(data.draw(st.sampled_from([c.seq for c in plan.chunks])),
+                self._end(data.draw(st.sampled_from([c.seq for c in plan.chunks + plan.sampled])),
                           FinishReason.ABORTED)
         self._check_step(self.runner.step(during=abort_one))
 
@@ -108,27 +111,40 @@ class SchedulerMachine(RuleBasedStateMachine):
             and seq.num_uncomputed == 1
 
     def _end(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.pending_forks:
+            event("a sample ends before its forks started")
         self.scheduler.finish(seq, reason)
-        assert seq.status is SeqStatus.FINISHED and len(seq.rows) == 0
+        assert seq.status is SeqStatus.FINISHED and len(seq.rows) == 0 and not seq.forks
         self.live.remove(seq)
-        self.cut_short.add(seq.request_id)
+        self.cut_short.add(id(seq))
 
     def _check_step(self, record: StepRecord) -> None:
         plan = record.plan
         assert plan.num_tokens <= self.budget
         assert all(c.num_tokens >= 1 and len(c.new_rows) == c.num_tokens for c in plan.chunks)
         assert all(c.num_tokens == 1 and c.samples for c in plan.decode)
-        assert len({id(c.seq) for c in plan.chunks}) == len(plan.chunks)
+        assert len({id(c.seq) for c in plan.sampled}) == len(plan.sampled)
+        assert not any(c.forks for c in plan.decode)
+        for chunk in plan.prefill:   # forks start with the whole prompt, once it is computed
+            assert not chunk.forks or chunk.start + chunk.num_tokens == len(chunk.seq.prompt_ids)
+            for fork in chunk.forks:
+                prompt = len(fork.seq.prompt_ids)
+                assert (fork.start, fork.num_tokens, fork.samples) == (prompt, 0, True)
+                assert fork.seq.index > 0 and fork.seq.request_id == chunk.seq.request_id
+                event("forked")
         victims = len(record.preempted)
         assert plan.preempted == victims
         if victims:  # the newest running requests, and nobody else
             event(f"preempted {min(victims, 2)}+ of {min(len(record.running_before), 3)}+")
             assert record.preempted == record.running_before[len(record.running_before) - victims:]
+            if any(s.index for s in record.preempted):
+                event("preempted a forked sample")
         for seq in record.finished:
             self.live.remove(seq)
-            if seq.request_id not in self.cut_short:
-                want = expected_output(seq.prompt_ids, seq.stopping.max_new_tokens, MAX_MODEL_LEN)
-                assert seq.output_ids == want, seq.request_id
+            if id(seq) not in self.cut_short:
+                want = expected_output(seq.prompt_ids, seq.stopping.max_new_tokens, MAX_MODEL_LEN,
+                                       seq.index)
+                assert seq.output_ids == want, (seq.request_id, seq.index)
 
     # ---- invariants ----------------------------------------------------------------------
     @invariant()
@@ -148,14 +164,19 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def queue_and_running_set_keep_arrival_order(self) -> None:
-        running = [self.arrival[s.request_id] for s in self.scheduler.running]
-        waiting = [self.arrival[s.request_id] for s in self.scheduler.waiting]
+        def order(seq: Sequence) -> tuple[int, int]:
+            return self.arrival[seq.request_id], seq.index
+
+        running = [order(s) for s in self.scheduler.running]
+        waiting = [order(s) for s in self.scheduler.waiting]
         assert running == sorted(running) and waiting == sorted(waiting)
         assert not running or not waiting or max(running) < min(waiting)
         assert len(running) <= self.max_num_seqs
         assert all(s.status is SeqStatus.RUNNING for s in self.scheduler.running)
         assert all(len(s.rows) == 0 for s in self.scheduler.waiting)
-        assert sorted(running + waiting) == sorted(self.arrival[s.request_id] for s in self.live)
+        forks = [s for s in self.live if s.status is SeqStatus.FORK_PENDING]
+        assert sorted(running + waiting) == sorted(order(s) for s in self.live if s not in forks)
+        assert all(len(s.rows) == 0 and s.slot == -1 for s in forks)
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
