@@ -53,7 +53,7 @@ def request_to_proto(request: EngineRequest) -> engine_pb2.EngineGenerateRequest
         sampling=_sampling_to_proto(request), max_new_tokens=request.max_new_tokens,
         stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
         top_logprobs=request.top_logprobs, logit_bias=request.logit_bias,
-        min_tokens=request.min_tokens,
+        min_tokens=request.min_tokens, n=request.n,
         response_format=response_format_to_proto(request.response_format))
 
 
@@ -75,7 +75,8 @@ def chunk_from_proto(message: engine_pb2.EngineGenerateResponse) -> EngineChunk:
         u = message.usage
         usage = UsageCounts(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
     return EngineChunk(token_ids=list(message.token_ids), logprobs=logprobs,
-                       finish_reason=_FINISH_FROM_PROTO.get(message.finish_reason), usage=usage)
+                       finish_reason=_FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,
+                       index=message.index)
 
 
 class EngineClient:
@@ -162,10 +163,13 @@ class EngineClient:
                 raise ValueError(error.details()) from None
             raise self._error(error) from None
 
-    async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
-        """Ask the engine to abort a request; False when it was unknown or the call failed."""
+    async def abort(self, request_id: str, timeout_s: float = 1.0,
+                    index: int | None = None) -> bool:
+        """Ask the engine to abort a request (index: only that sample of an n-sample request);
+        False when it was unknown or the call failed."""
         try:
-            reply = await self._stub.Abort(engine_pb2.AbortRequest(request_id=request_id),
+            reply = await self._stub.Abort(engine_pb2.AbortRequest(request_id=request_id,
+                                                                   index=index),
                                            timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False

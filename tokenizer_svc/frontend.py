@@ -118,13 +118,13 @@ class FrontendCore:
         engine_request = await self._prepare(request, protocol)
         timeout_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
 
-        def open_stream(sample: EngineRequest) -> AsyncGenerator[OutputDelta, None]:
-            return GenerationStream(sample, request.stop, self.tokenizer.decode_stream_piece,
-                                    self._source, self.config.abort_drain_timeout_s
-                                    ).run(timeout_s)
+        def open_stream(source: TokenSource) -> AsyncGenerator[OutputDelta, None]:
+            return GenerationStream(engine_request, request.stop,
+                                    self.tokenizer.decode_stream_piece, source,
+                                    self.config.abort_drain_timeout_s).run(timeout_s)
 
         first_token_seen = False
-        samples = run_samples(engine_request, request.n, open_stream)
+        samples = run_samples(engine_request, self._source, open_stream)
         async with contextlib.aclosing(samples):
             async for delta in samples:
                 if delta.token_ids and not first_token_seen:
@@ -171,7 +171,7 @@ class FrontendCore:
             sampling=request.sampling, max_new_tokens=max_new_tokens,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
             top_logprobs=request.top_logprobs, logit_bias=dict(request.logit_bias),
-            min_tokens=request.min_tokens, response_format=request.response_format)
+            min_tokens=request.min_tokens, response_format=request.response_format, n=request.n)
 
     # ---- tokenizer and model info --------------------------------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool | None, protocol: str

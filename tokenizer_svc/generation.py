@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -20,7 +19,6 @@ from tokenizer_svc.schema import (EngineChunk, EngineRequest, FinishReason, Outp
                                   UsageCounts)
 from tokenizer_svc.stops import StopStringMatcher
 
-MAX_SEED = 2**63
 Item = TypeVar("Item")
 
 
@@ -30,7 +28,9 @@ class TokenSource(Protocol):
     def generate(self, request: EngineRequest,
                  timeout_s: float | None = None) -> AsyncIterator[EngineChunk]: ...
 
-    async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool: ...
+    async def abort(self, request_id: str, timeout_s: float = 1.0,
+                    index: int | None = None) -> bool:
+        """Abort the request (index: only that sample of an n-sample request)."""
 
     async def check_response_format(self, spec: ResponseFormatSpec,
                                     timeout_s: float = 30.0) -> None: ...
@@ -126,16 +126,63 @@ class GenerationStream:
 
 
 # ---- n samples of one prompt ------------------------------------------------------------------
-def sample_request(request: EngineRequest, index: int) -> EngineRequest:
-    """Sample `index` of a request: sample 0 is the request itself; sample i > 0 gets its own
-    engine request id and, when seeded, seed + i."""
-    if index == 0:
-        return request
-    seed = request.sampling.seed
-    sampling = (request.sampling if seed is None
-                else dataclasses.replace(request.sampling, seed=(seed + index) % MAX_SEED))
-    return dataclasses.replace(request, request_id=f"{request.request_id}/{index}",
-                               sampling=sampling)
+class _SampleFeed:
+    """One engine stream of an n-sample request read as n token sources, one per sample index:
+    the first read starts the engine call, and each chunk goes to its sample's queue."""
+
+    def __init__(self, request: EngineRequest, source: TokenSource) -> None:
+        self._request = request
+        self._source = source
+        # per sample: its chunks, then None (the stream ended) or the error that ended it
+        self._queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(request.n)]
+        self._pump: asyncio.Task | None = None
+
+    def sample(self, index: int) -> TokenSource:
+        return _SampleSource(self, index)
+
+    async def read(self, index: int, timeout_s: float | None) -> AsyncIterator[EngineChunk]:
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run(timeout_s))
+        while (item := await self._queues[index].get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def abort(self, index: int, timeout_s: float) -> bool:
+        return await self._source.abort(self._request.request_id, timeout_s, index=index)
+
+    async def _run(self, timeout_s: float | None) -> None:
+        end: Exception | None = None
+        try:
+            chunks = self._source.generate(self._request, timeout_s)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    self._queues[chunk.index].put_nowait(chunk)
+        except Exception as error:  # noqa: BLE001  (every sample's reader raises it)
+            end = error
+        for queue in self._queues:
+            queue.put_nowait(end)
+
+    async def close(self) -> None:
+        """Cancel the engine call if it is still open."""
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+
+
+class _SampleSource:
+    """The TokenSource of one sample of a _SampleFeed (abort ends only this sample)."""
+
+    def __init__(self, feed: _SampleFeed, index: int) -> None:
+        self._feed = feed
+        self._index = index
+
+    def generate(self, request: EngineRequest,
+                 timeout_s: float | None = None) -> AsyncIterator[EngineChunk]:
+        return self._feed.read(self._index, timeout_s)
+
+    async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
+        return await self._feed.abort(self._index, timeout_s)
 
 
 async def merge_streams(streams: Sequence[AsyncGenerator[Item, None]]
@@ -170,32 +217,34 @@ async def merge_streams(streams: Sequence[AsyncGenerator[Item, None]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_samples(request: EngineRequest, n: int,
-                      open_stream: Callable[[EngineRequest], AsyncGenerator[OutputDelta, None]]
+async def run_samples(request: EngineRequest, source: TokenSource,
+                      open_stream: Callable[[TokenSource], AsyncGenerator[OutputDelta, None]]
                       ) -> AsyncIterator[OutputDelta]:
-    """n samples of one prompt, for now as n engine requests (the engine-side version sharing
-    the prompt's KV rows replaces this function), merged into one stream: `index` tells the
-    samples apart, each sample's last delta has its finish_reason, the stream's last delta the
-    usage (prompt once, every sample's completion tokens, the cached prompt tokens of the
-    sample that found the fewest)."""
-    if n == 1:
-        async with contextlib.aclosing(open_stream(request)) as deltas:
+    """The request's n samples as one stream of deltas. n > 1 is one engine request (the engine
+    prefills the prompt once and the samples share its KV rows; sample i draws with seed + i)
+    whose chunks are split by index into n generation streams (`open_stream(source)`) and
+    merged back: `index` tells the samples apart, each sample's last delta has its
+    finish_reason, the stream's last delta the usage (the prompt once, every sample's
+    completion tokens)."""
+    if request.n == 1:
+        async with contextlib.aclosing(open_stream(source)) as deltas:
             async for delta in deltas:
                 yield delta
         return
+    feed = _SampleFeed(request, source)
     usage = UsageCounts(prompt_tokens=len(request.prompt_token_ids))
-    cached: list[int] = []
-    running = n
-    streams = [open_stream(sample_request(request, i)) for i in range(n)]
-    async for index, delta in merge_streams(streams):
-        delta.index = index
-        if delta.finish_reason is not None:
-            running -= 1
-            if delta.usage is not None:
-                usage.completion_tokens += delta.usage.completion_tokens
-                cached.append(delta.usage.cached_prompt_tokens)
-            delta.usage = None
-            if running == 0:
-                usage.cached_prompt_tokens = min(cached, default=0)
-                delta.usage = usage
-        yield delta
+    running = request.n
+    try:
+        async for index, delta in merge_streams([open_stream(feed.sample(i))
+                                                 for i in range(request.n)]):
+            delta.index = index
+            if delta.finish_reason is not None:
+                running -= 1
+                if delta.usage is not None:
+                    usage.completion_tokens += delta.usage.completion_tokens
+                    usage.cached_prompt_tokens = max(usage.cached_prompt_tokens,
+                                                     delta.usage.cached_prompt_tokens)
+                delta.usage = usage if running == 0 else None
+            yield delta
+    finally:
+        await feed.close()

@@ -108,6 +108,7 @@ class EngineRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
     response_format: ResponseFormatSpec | None = None
+    n: int = 1  # samples of the prompt: one prefill in the engine, chunks carry their index
 
 
 @dataclass(slots=True)
@@ -136,6 +137,7 @@ class EngineChunk:
     logprobs: list[TokenLogprobInfo] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: UsageCounts | None = None
+    index: int = 0  # which sample of an n-sample request
 
 
 @dataclass(slots=True)

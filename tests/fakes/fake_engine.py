@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
+from tokenizer_svc.generation import merge_streams
 
 
 @dataclass
@@ -34,15 +35,18 @@ class FakeEngineRecord:
 
     requests: list[engine_pb2.EngineGenerateRequest] = field(default_factory=list)
     abort_calls: list[str] = field(default_factory=list)
+    aborted_samples: list[tuple[str, int | None]] = field(default_factory=list)  # (id, index)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     compiled_formats: list[generate_pb2.ResponseFormat] = field(default_factory=list)
 
 
 class FakeEngine(engine_pb2_grpc.EngineServicer):
-    """Scripted Engine servicer: `script(request) -> ScriptedReply`."""
+    """Scripted Engine servicer: `script(request) -> ScriptedReply` (every sample of an n
+    request streams it) or a list of n replies (one per sample)."""
 
-    def __init__(self, script: Callable[[engine_pb2.EngineGenerateRequest], ScriptedReply],
+    def __init__(self, script: Callable[[engine_pb2.EngineGenerateRequest],
+                                        ScriptedReply | list[ScriptedReply]],
                  max_model_len: int = 512, vocab_size: int = 49152,
                  eos_token_ids: tuple[int, ...] = (2,)) -> None:
         self.script = script
@@ -51,15 +55,30 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         self.eos_token_ids = list(eos_token_ids)
         self.record = FakeEngineRecord()
         self.format_error: str | None = None  # CompileResponseFormat fails with this message
-        self._abort_events: dict[str, asyncio.Event] = {}
+        self._abort_events: dict[tuple[str, int], asyncio.Event] = {}   # (id, sample index)
 
     async def Generate(self, request, context):
         self.record.requests.append(request)
-        reply = self.script(request)
-        if reply.error is not None:
-            await context.abort(reply.error, reply.error_message)
-        aborted = asyncio.Event()
-        self._abort_events[request.request_id] = aborted
+        samples = request.n or 1
+        replies = self.script(request)   # one reply for every sample, or a list (one each)
+        replies = replies if isinstance(replies, list) else [replies] * samples
+        failed = next((reply for reply in replies if reply.error is not None), None)
+        if failed is not None:
+            await context.abort(failed.error, failed.error_message)
+        aborted = [asyncio.Event() for _ in range(samples)]
+        try:
+            streams = [self._sample(request, i, replies[i], aborted[i]) for i in range(samples)]
+            async for _, message in merge_streams(streams):
+                yield message
+            if not any(event.is_set() for event in aborted):
+                self.record.completed.append(request.request_id)
+        except asyncio.CancelledError:
+            self.record.cancelled.append(request.request_id)
+            raise
+
+    async def _sample(self, request, index: int, reply: ScriptedReply, aborted: asyncio.Event):
+        """The messages of sample `index` (each carries it); Abort sets `aborted`."""
+        self._abort_events[(request.request_id, index)] = aborted
         ids = reply.token_ids[:request.max_new_tokens]
         finish = (reply.finish_reason if len(ids) == len(reply.token_ids)
                   else generate_pb2.FINISH_REASON_LENGTH)
@@ -67,20 +86,23 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         try:
             while sent < len(ids):
                 if await _wait_or_abort(aborted, reply.delay_s):
-                    yield self._final([], generate_pb2.FINISH_REASON_ABORTED, request, sent, reply)
+                    message = self._final([], generate_pb2.FINISH_REASON_ABORTED, request, sent,
+                                          reply)
+                    message.index = index
+                    yield message
                     return
                 chunk = ids[sent:sent + reply.chunk_size]
                 sent += len(chunk)
                 last = sent == len(ids)
-                yield self._message(chunk, reply, request, sent, finish if last else None)
+                message = self._message(chunk, reply, request, sent, finish if last else None)
+                message.index = index
+                yield message
             if not ids:
-                yield self._final([], finish, request, 0, reply)
-            self.record.completed.append(request.request_id)
-        except asyncio.CancelledError:
-            self.record.cancelled.append(request.request_id)
-            raise
+                message = self._final([], finish, request, 0, reply)
+                message.index = index
+                yield message
         finally:
-            self._abort_events.pop(request.request_id, None)
+            self._abort_events.pop((request.request_id, index), None)
 
     def _message(self, chunk: list[int], reply: ScriptedReply, request, sent: int,
                  finish: int | None) -> engine_pb2.EngineGenerateResponse:
@@ -103,11 +125,14 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         return message
 
     async def Abort(self, request, context):
+        index = request.index if request.HasField("index") else None
         self.record.abort_calls.append(request.request_id)
-        event = self._abort_events.get(request.request_id)
-        if event is not None:
+        self.record.aborted_samples.append((request.request_id, index))
+        events = [event for (request_id, i), event in self._abort_events.items()
+                  if request_id == request.request_id and index in (None, i)]
+        for event in events:
             event.set()
-        return engine_pb2.AbortResponse(found=event is not None)
+        return engine_pb2.AbortResponse(found=bool(events))
 
     async def CompileResponseFormat(self, request, context):
         self.record.compiled_formats.append(request.response_format)

@@ -18,22 +18,18 @@ def _request(**fields) -> generate_pb2.GenerateRequest:
     return request
 
 
-def test_n_samples_are_n_engine_requests_merged_with_index_and_one_usage() -> None:
-    def script(request) -> ScriptedReply:  # sample i answers with a different length
-        index = int(request.request_id.rpartition("/")[2] or 0) if "/" in request.request_id \
-            else 0
-        return ScriptedReply(reply_ids()[:10 + 5 * index], finish_reason=1, delay_s=0.002,
-                             cached_prompt_tokens=3 - index)
+def test_n_samples_are_one_engine_request_split_by_index_with_one_usage() -> None:
+    def script(request) -> list[ScriptedReply]:  # sample i answers with a different length
+        return [ScriptedReply(reply_ids()[:10 + 5 * index], finish_reason=1, delay_s=0.002,
+                              cached_prompt_tokens=3) for index in range(request.n)]
 
     async def body() -> None:
         async with running_stack(script) as s:
             request = _request(request_id="fan", n=3)
             request.sampling.seed = 2**63 - 2
             messages = await s.generate(request)
-            sent = sorted(s.engine.record.requests, key=lambda r: r.request_id)
-            assert [r.request_id for r in sent] == ["fan", "fan/1", "fan/2"]
-            assert [r.sampling.seed for r in sent] == [2**63 - 2, 2**63 - 1, 0]  # seed + i
-            assert len({tuple(r.prompt_token_ids) for r in sent}) == 1  # one tokenization
+            [sent] = s.engine.record.requests   # one engine request: the engine forks n samples
+            assert (sent.request_id, sent.n, sent.sampling.seed) == ("fan", 3, 2**63 - 2)
             by_index = {i: [m for m in messages if m.index == i] for i in range(3)}
             for index, own in by_index.items():
                 ids = [t for m in own for t in m.token_ids]
@@ -46,7 +42,32 @@ def test_n_samples_are_n_engine_requests_merged_with_index_and_one_usage() -> No
             usage = messages[-1].usage
             prompt = len(shared_tokenizer().encode("Hello there"))
             assert (usage.prompt_tokens, usage.completion_tokens,
-                    usage.cached_prompt_tokens) == (prompt, 10 + 15 + 20, 1)
+                    usage.cached_prompt_tokens) == (prompt, 10 + 15 + 20, 3)
+    asyncio.run(body())
+
+
+def test_a_stop_string_ends_only_its_own_sample() -> None:
+    stopped = reply_ids("Stop here: never more words.", eos=False) * 10
+    plain = reply_ids("Plain words, one more and then the end.")
+
+    def script(request) -> list[ScriptedReply]:
+        return [ScriptedReply(plain, delay_s=0.01), ScriptedReply(stopped, delay_s=0.002),
+                ScriptedReply(plain, delay_s=0.01)]
+
+    async def body() -> None:
+        async with running_stack(script) as s:
+            request = _request(request_id="stops", n=3,
+                               stopping=generate_pb2.StoppingCriteria(stop=["never"]))
+            messages = await s.generate(request)
+            text = {i: "".join(m.text for m in messages if m.index == i) for i in range(3)}
+            assert text == {0: "Plain words, one more and then the end.", 1: "Stop here: ",
+                            2: "Plain words, one more and then the end."}
+            last = {i: [m for m in messages if m.index == i][-1].finish_reason for i in range(3)}
+            assert last == {0: generate_pb2.FINISH_REASON_EOS,
+                            1: generate_pb2.FINISH_REASON_STOP_SEQUENCE,
+                            2: generate_pb2.FINISH_REASON_EOS}
+            assert s.engine.record.aborted_samples == [("stops", 1)]  # that sample only
+            assert not s.engine.record.cancelled   # the engine call ended on its own
     asyncio.run(body())
 
 
@@ -67,9 +88,9 @@ def test_n_one_and_unset_behave_alike_and_new_fields_reach_the_engine() -> None:
     asyncio.run(body())
 
 
-def test_one_failing_sample_fails_the_request_and_cancels_the_others() -> None:
+def test_an_engine_error_fails_the_n_request_and_a_client_leaving_cancels_it() -> None:
     def script(request) -> ScriptedReply:
-        if request.request_id.endswith("/1"):
+        if request.request_id == "full":
             return ScriptedReply([], error=grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  error_message="queue full")
         return ScriptedReply(reply_ids() * 20, delay_s=0.02)
@@ -77,12 +98,17 @@ def test_one_failing_sample_fails_the_request_and_cancels_the_others() -> None:
     async def body() -> None:
         async with running_stack(script) as s:
             with pytest.raises(grpc.aio.AioRpcError) as error:
-                await s.generate(_request(request_id="f", n=3))
+                await s.generate(_request(request_id="full", n=3))
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "queue full" in error.value.details()
-            for sample in ("f", "f/2"):
-                assert sample in s.engine.record.cancelled or sample in s.engine.record.abort_calls
-            assert not s.engine.record.completed
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await s.generate(_request(request_id="slow", n=3), timeout=0.5)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(100):
+                if "slow" in s.engine.record.cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            assert s.engine.record.cancelled == ["slow"] and not s.engine.record.completed
     asyncio.run(body())
 
 

@@ -120,7 +120,8 @@ def test_n_choices_have_their_own_index_and_the_prompt_counts_once() -> None:
             prompt = len(s.engine.record.requests[0].prompt_token_ids)
             assert reply.usage.prompt_tokens == prompt
             assert reply.usage.completion_tokens == 2 * len(reply_ids())
-            assert sorted(r.sampling.seed for r in s.engine.record.requests) == [5, 6]
+            # one engine request for both choices: the engine samples choice i with seed + i
+            assert [(r.n, r.sampling.seed) for r in s.engine.record.requests] == [(2, 5)]
             stream = await api.chat.completions.create(model=MODEL, messages=CHAT, n=2,
                                                        stream=True)
             texts = {0: "", 1: ""}
