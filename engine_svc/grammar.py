@@ -240,6 +240,8 @@ class TokenMasks:
             seq = seqs[row]
             if seq.grammar is None:
                 seq.grammar = GrammarState(seq.sampling.response_format.compiled)
+                for token in seq.generated_ids():   # resumed after failover: replay its tokens
+                    seq.grammar.accept(token)
             matchers.append(seq.grammar.matcher)
         bitmask = self._bitmask[:len(rows)]  # [n, words]
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
@@ -276,9 +278,11 @@ def _blocked(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def blocked_tokens_numpy(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The CPU unpacking: numpy unpacks bits in C (about 10x torch shifts on a CPU)."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(bits[:, :vocab]) == 0  # int32 words are little-endian here
+    """The CPU unpacking: numpy unpacks the inverted bits in C (about 10x torch shifts on a
+    CPU), and its 0/1 bytes are the bool tensor as they stand (no compare pass)."""
+    inverted = np.invert(bitmask.numpy().view(np.uint8))  # int32 words are little-endian here
+    bits = np.unpackbits(inverted, axis=1, bitorder="little")  # [n, 32 * words] 0/1
+    return torch.from_numpy(bits).view(torch.bool)[:, :vocab]
 
 
 def blocked_tokens_torch(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
