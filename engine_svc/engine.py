@@ -91,19 +91,29 @@ class LLMEngine:
     # ---- requests in ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int],
                     sampling: SamplingParams | None = None,
-                    stopping: StoppingParams | None = None, n: int = 1) -> None:
+                    stopping: StoppingParams | None = None, n: int = 1,
+                    num_generated_prompt_tokens: int = 0,
+                    deadline: float | None = None) -> None:
         """Validate and queue a request for n samples of the prompt (one prefill; the samples
         share the prompt's pool rows, sample i draws with seed + i; outputs carry `index`).
+
+        num_generated_prompt_tokens: the prompt's last N ids were generated (a request resumed
+        after failover: penalties count them as output). deadline: time.monotonic() after which
+        the request is dropped (ABORTED) instead of computed.
 
         Raises ValueError (bad input), DuplicateRequestError (id in flight) or QueueFullError.
         """
         sampling = sampling or SamplingParams()
         stopping = stopping or StoppingParams()
         self._validate(request_id, prompt_ids, sampling, stopping, n)
+        if not 0 <= num_generated_prompt_tokens < len(prompt_ids):
+            raise ValueError(f"num_generated_prompt_tokens must be in [0, {len(prompt_ids)}) "
+                             f"(the prompt's length), got {num_generated_prompt_tokens}")
         if sampling.response_format is not None:  # ValueError naming the field if it won't compile
             sampling = replace(sampling,
                                response_format=self.grammars.prepare(sampling.response_format))
-        seq = Sequence(request_id, list(prompt_ids), sampling, stopping)
+        seq = Sequence(request_id, list(prompt_ids), sampling, stopping, deadline=deadline,
+                       num_generated_prompt_tokens=num_generated_prompt_tokens)
         if stopping.min_tokens:
             eos = () if stopping.ignore_eos else self.eos_ids
             seq.stop_ids_banned = tuple(sorted(set(stopping.stop_token_ids) | set(eos)))
@@ -198,6 +208,7 @@ class LLMEngine:
         outputs = self._drain_inbox()
         with self._lock:
             plan = self.scheduler.schedule()
+            outputs.extend(self._final(seq, []) for seq in plan.expired)
         if not plan.chunks:
             self.last_step = StepStats()
             return outputs

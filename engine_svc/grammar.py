@@ -240,6 +240,8 @@ class TokenMasks:
             seq = seqs[row]
             if seq.grammar is None:
                 seq.grammar = GrammarState(seq.sampling.response_format.compiled)
+                for token in seq.generated_ids():   # resumed after failover: replay its tokens
+                    seq.grammar.accept(token)
             matchers.append(seq.grammar.matcher)
         bitmask = self._bitmask[:len(rows)]  # [n, words]
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)

@@ -26,7 +26,7 @@ from engine_svc.kv_sizing import (CudaMemory, DeviceMemory, MemoryBudget, graph_
 from engine_svc.models.llama import LlamaModel
 from engine_svc.profile_step import profile_worst_step
 from engine_svc.req_to_token import ReqToTokenTable
-from engine_svc.sampler import Sampler, SamplerOutput
+from engine_svc.sampler import Sampler, SamplerOutput, seeded_generator
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.step_staging import StepStaging, outputs_to_host
 from engine_svc.weights import ModelConfig, load_weights
@@ -186,14 +186,15 @@ class ModelRunner:
             return None
         seqs = [chunk.seq for chunk in sampled]
         for seq in seqs:
-            if seq.sampler_state is None and seq.sampling.seed is not None:
-                seq.sampler_state = torch.Generator(self.device).manual_seed(seq.sampling.seed)
+            if seq.sampling.seed is not None:   # noise of (seed, position): resumable
+                seq.sampler_state = seeded_generator(seq.sampler_state, seq.sampling.seed,
+                                                     seq.num_tokens, self.device)
         params = [s.sampling for s in seqs]
         biases = [s.step_logit_bias() for s in seqs]   # logit_bias, min_tokens bans; mostly None
         constrained = [row for row, p in enumerate(params) if p.response_format is not None]
         token_mask = self.token_masks.build(seqs, constrained) if constrained else None
         return self.sampler(logits, params, [s.sampler_state for s in seqs],
-                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+                            [s.prompt_ids for s in seqs], [s.generated_ids() for s in seqs],
                             need_logprobs=any(p.top_logprobs for p in params),
                             logit_bias=biases if any(biases) else None, token_mask=token_mask)
 

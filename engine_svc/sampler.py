@@ -13,6 +13,9 @@ Order of operations per row (greedy rows stop after step 1):
 
 Seeded rows draw their noise ([vocab] per step) from their own generator, so a seeded row yields
 the same tokens whatever batch it sits in; unseeded rows share the sampler's generator. The
+runner seeds that generator anew for every token (`seeded_generator`: a mix of the request's
+seed and the token's position), so a token's noise depends on (seed, position) alone, not on
+the generator's history: a request resumed elsewhere with its tokens so far continues exactly. The
 returned logprobs describe the model's distribution after step 0 (log-softmax of the logits
 plus the logit bias: a banned token has logprob -inf), before penalties and temperature.
 Rows' params are assumed already validated (SamplingParams.validate at admission).
@@ -32,6 +35,28 @@ from kernels import reference
 
 _NEG_INF = float("-inf")
 _NEUTRAL = SamplingParams()  # stands in for greedy rows while sampling; never mutated
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """Seed of the noise for the token at `position` (0-based, prompt included) of a request
+    seeded with `seed`: splitmix64 of both, so nearby seeds and positions are unrelated; < 2^63."""
+    return _splitmix64(_splitmix64(seed) ^ position) >> 1
+
+
+def seeded_generator(generator: torch.Generator | None, seed: int, position: int,
+                     device: torch.device) -> torch.Generator:
+    """`generator` (a new one when None) seeded for the token at `position`."""
+    if generator is None:
+        generator = torch.Generator(device=device)
+    return generator.manual_seed(position_seed(seed, position))
 
 
 @dataclass(slots=True)
@@ -137,7 +162,8 @@ class Sampler:
     def _log_exponential_noise(self, greedy: list[bool],
                                generators: list[torch.Generator | None],
                                shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """log E, E ~ Exp(1) as -log U: [batch, vocab]; seeded rows use their own generator.
+        """log E, E ~ Exp(1) as -log U: [batch, vocab]; seeded rows use their own generator
+        (seeded per token by the runner: `seeded_generator`), the rest the sampler's.
 
         Every sampled row consumes exactly [vocab] uniforms per step; greedy rows get log E = 0.
         U lies in [0, 1): U = 0 gives E = inf (that token just loses), and E > 0 always.

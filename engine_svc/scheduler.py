@@ -6,6 +6,7 @@ returns every row when a request ends. It never touches tensors (no torch import
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ class StepPlan:
     decode: list[ScheduledChunk] = field(default_factory=list)
     prefill: list[ScheduledChunk] = field(default_factory=list)
     preempted: int = 0
+    expired: list[Sequence] = field(default_factory=list)  # ended ABORTED: deadline passed
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -137,11 +139,23 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Pick this step's tokens: running decodes, running prefill chunks, then admissions."""
         plan = StepPlan()
+        self._drop_expired(plan)
         budget = self.config.max_num_batched_tokens
         budget -= self._schedule_decodes(plan)
         budget = self._schedule_running_prefills(plan, budget)
         self._admit(plan, budget)
         return plan
+
+    def _drop_expired(self, plan: StepPlan) -> None:
+        """End (ABORTED) every queued or running request whose deadline has passed, before any
+        prefill or decode is spent on it; a leader takes its not-yet-forked samples along."""
+        now = time.monotonic()
+        for seq in [s for s in (*self.waiting, *self.running) if s.expired(now)]:
+            for fork in seq.pending_forks:
+                self.finish(fork, FinishReason.ABORTED)
+                plan.expired.append(fork)
+            self.finish(seq, FinishReason.ABORTED)
+            plan.expired.append(seq)
 
     def _schedule_decodes(self, plan: StepPlan) -> int:
         # (a sequence with forks computes its last prompt token as a prefill chunk, which forks)

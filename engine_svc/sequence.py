@@ -44,6 +44,10 @@ class Sequence:
     grammar: object = None              # the runner's GrammarState (response_format), own per seq
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # a request resumed after failover: the last N prompt ids were generated (penalties count
+    # them as output); deadline: time.monotonic() after which it is not worth computing
+    num_generated_prompt_tokens: int = 0
+    deadline: float | None = None
     _rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
@@ -84,6 +88,15 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def generated_ids(self) -> list[int]:
+        """Every generated id: output_ids, after the prompt's generated tail when resumed."""
+        n = self.num_generated_prompt_tokens
+        return self.prompt_ids[len(self.prompt_ids) - n:] + self.output_ids if n else self.output_ids
+
+    def expired(self, now: float) -> bool:
+        """True once the request's deadline has passed."""
+        return self.deadline is not None and now >= self.deadline
+
     def append_rows(self, new_rows: np.ndarray) -> None:
         """Record that the next len(new_rows) tokens now have K/V in these rows."""
         end = self.num_computed + len(new_rows)
@@ -111,5 +124,6 @@ def make_samples(leader: Sequence, n: int) -> list[Sequence]:
         leader.forks.append(Sequence(
             leader.request_id, leader.prompt_ids, sampling, leader.stopping, index=index,
             arrival_time=leader.arrival_time, status=SeqStatus.FORK_PENDING,
-            stop_ids_banned=leader.stop_ids_banned))
+            stop_ids_banned=leader.stop_ids_banned, deadline=leader.deadline,
+            num_generated_prompt_tokens=leader.num_generated_prompt_tokens))
     return [leader, *leader.forks]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,6 +74,12 @@ def _response(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
     return msg
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock (None: the caller set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     """llmserve.v1.Engine over an LLMEngine running on an EngineLoop."""
 
@@ -114,8 +121,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                             sampling.response_format)
                 samples = request.n or 1
                 self.engine_loop.metrics.on_request_added(request_id, samples)
-                self.engine.add_request(request_id, list(request.prompt_token_ids), sampling,
-                                        stopping, n=samples)
+                self.engine.add_request(
+                    request_id, list(request.prompt_token_ids), sampling, stopping, n=samples,
+                    num_generated_prompt_tokens=request.num_generated_prompt_tokens,
+                    deadline=_deadline(context))
             except QueueFullError as err:
                 finished = True
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
