@@ -156,6 +156,9 @@ def test_token_masks_fill_only_constrained_rows_and_create_matchers(cache: Gramm
             self.sampling = type("S", (), {"response_format": fmt})()
             self.grammar = None
 
+        def generated_ids(self) -> list[int]:
+            return []
+
     fmt = cache.prepare(ResponseFormat("choice", choices=("ab", "ba")))
     seqs = [Seq(None), Seq(fmt), Seq(None), Seq(fmt)]
     masks = TokenMasks(VOCAB, max_rows=2, device=torch.device("cpu"))
