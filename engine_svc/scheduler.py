@@ -206,8 +206,10 @@ class Scheduler:
             cached = self._match_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             # keep one free row per running sample (and per fork) so the next decode step need
-            # not preempt
+            # not preempt; alone, a request is never held back by its own reserve
             reserve = len(self.running) + promised + 1 + forks
+            if not self.running:
+                reserve = min(reserve, self.pool.capacity - count)
             rows = self._alloc(count, reserve=reserve)
             if rows is None:
                 if cached:

@@ -166,3 +166,16 @@ def test_a_stream_interval_holds_each_sample_apart() -> None:
     done = coalescer.push([RequestOutput("r", [5], index=1, finish_reason=FinishReason.EOS)])
     assert [(o.index, o.token_ids, o.finished) for o in done] == [(1, [4, 5], True)]
     assert [(o.index, o.token_ids) for o in coalescer.flush()] == [(0, [3])]
+
+
+def test_n16_fits_a_pool_of_one_full_length_request(tiny_dir) -> None:
+    """Alone, a request is never held back by the decode rows it keeps for its 16 forks: a
+    prompt of nearly max_model_len on a pool of max_model_len rows still runs (the forks that
+    do not fit are preempted and recompute their few tokens over the cached prompt)."""
+    engine = make_engine(tiny_dir, kv_capacity_tokens=256, max_model_len=256, max_num_seqs=16)
+    prompt = [(5 * j) % 250 + 3 for j in range(250)]
+    engine.add_request("r", prompt, SEEDED, StoppingParams(max_new_tokens=4, ignore_eos=True),
+                       n=16)
+    outputs = collect(engine)
+    assert {i: len(t) for i, t in tokens(outputs).items()} == {i: 4 for i in range(16)}
+    assert engine.rows_held_by_requests() == 0

@@ -5,9 +5,9 @@ fork off the prompt's rows), step, abort a sample (between steps or while a step
 or after its forks started), finish a sample the way EOS would, and drain everything. After
 every rule the pool's reference counts must equal the rows held by live samples plus the tree's
 rows, every row a sample or the tree holds must hold the K/V of that exact token prefix, and
-the queue and running set must stay in arrival order (samples of one request by index). Each step must keep to the token budget and
-preempt only the newest running requests; a drain must finish within a bounded number of steps
-and, once the cache is cleared, leave the pool idle.
+the queue and running set must stay in arrival order (samples of one request by index). Each
+step must keep to the token budget and preempt only the newest running requests; a drain must
+finish within a bounded number of steps and, once the cache is cleared, leave the pool idle.
 """
 from __future__ import annotations
 
