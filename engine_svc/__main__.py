@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "busy neighbour does not stall every OpenMP barrier (default on)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight streams before exiting")
+    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="health turns NOT_SERVING (and llmserve_engine_stalls_total counts one) "
+                        "when requests are pending and no engine step finished for this long; "
+                        "SERVING again once a step finishes (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and dummy weights")
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest gRPC message accepted or sent; bigger requests fail with "
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stream-interval must be >= 1, got {args.stream_interval}",
               file=sys.stderr)
         return 2
+    if not args.stall_timeout > 0:
+        print(f"error: --stall-timeout must be > 0 seconds, got {args.stall_timeout}",
+              file=sys.stderr)
+        return 2
     if args.max_message_bytes < 1024:
         print(f"error: --max-message-bytes must be >= 1024, got {args.max_message_bytes}",
               file=sys.stderr)
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
             cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
-            adaptive_threads=args.adaptive_threads)).result()
+            adaptive_threads=args.adaptive_threads,
+            stall_timeout_s=args.stall_timeout)).result()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool | None = None           # None: on for CUDA decode; True on CPU runs the
     #                                           padded graph path eagerly (tests)
+    stall_timeout_s: float = 30.0             # no step finished this long with work pending:
+    #                                           the engine reports itself NOT_SERVING
     cpu_threads: int | None = None            # CPU: OpenMP team size (None: OMP_NUM_THREADS, else
     #                                           the CPUs this process may use)
     adaptive_threads: bool = True             # CPU: fewer threads while other processes are busy

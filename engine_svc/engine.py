@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -57,7 +58,7 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class StepStats:
-    """What the last step did, for metrics."""
+    """What a step does (the current one) or did (the last one, for metrics)."""
 
     phase: str = "idle"           # "prefill", "decode" or "mixed"
     batch_size: int = 0
@@ -87,6 +88,10 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._live: dict[str, list[Sequence]] = {}  # request_id -> its n samples, until all end
         self.last_step = StepStats()
+        self.current_step: StepStats | None = None  # the step in progress (from its schedule on)
+        # fault injection (tests): called inside each step, after scheduling, before the forward
+        # pass; one that blocks wedges the engine loop there (engine_loop.py wires an env var)
+        self.fault_hook: Callable[[], None] | None = None
 
     # ---- requests in ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int],
@@ -213,15 +218,18 @@ class LLMEngine:
             self.last_step = StepStats()
             return outputs
         started = time.perf_counter()
+        step = self.current_step = StepStats(
+            phase="decode" if not plan.prefill else ("prefill" if not plan.decode else "mixed"),
+            batch_size=len(plan.chunks), num_tokens=plan.num_tokens,
+            prompt_tokens=sum(c.num_tokens for c in plan.prefill))
+        if self.fault_hook is not None:
+            self.fault_hook()
         sampled = self.runner.execute(plan)
         with self._lock:
             self.scheduler.commit(plan)
             outputs.extend(self._process(plan, sampled))
-        self.last_step = StepStats(
-            phase="decode" if not plan.prefill else ("prefill" if not plan.decode else "mixed"),
-            batch_size=len(plan.chunks), num_tokens=plan.num_tokens,
-            duration_s=time.perf_counter() - started,
-            prompt_tokens=sum(c.num_tokens for c in plan.prefill))
+        step.duration_s = time.perf_counter() - started
+        self.last_step, self.current_step = step, None
         return outputs
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -307,7 +315,8 @@ class LLMEngine:
     def _final(self, seq: Sequence, token_ids: list[int],
                out: RequestOutput | None = None) -> RequestOutput:
         samples = self._live.get(seq.request_id)   # (the id may already name a newer request)
-        if samples is not None and seq in samples and all(s.finish_reason is not None for s in samples):
+        if samples is not None and seq in samples \
+                and all(s.finish_reason is not None for s in samples):
             del self._live[seq.request_id]
         out = out or RequestOutput(seq.request_id, token_ids, index=seq.index)
         out.finish_reason = seq.finish_reason

@@ -4,22 +4,30 @@ asyncio queue on the event loop. No gRPC here (server.py is the edge).
 Each open stream owns one asyncio queue (`open_stream`); the loop puts every `RequestOutput`
 for that request into it as soon as a step samples it (held N at a time with a stream interval,
 see stream_interval.py), and `None` into every queue if the loop crashes.
+
+The loop also publishes a heartbeat (`progress()`: when the last step finished, and the step in
+progress) that server.py judges with liveness.LivenessWatch. Fault injection for tests: with
+LLMSERVE_FAULT_STALL_FILE set, every step blocks (after scheduling) while that file exists.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from engine_svc.engine import LLMEngine, RequestOutput
+from engine_svc.liveness import Progress
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import SamplingParams, StoppingParams
 from engine_svc.stream_interval import StreamCoalescer
 
 log = logging.getLogger("engine_svc")
+STALL_FILE_ENV = "LLMSERVE_FAULT_STALL_FILE"   # fault injection (tests only): see the docstring
 
 
 class EngineLoop:
@@ -48,6 +56,12 @@ class EngineLoop:
         self._engine_thread = engine_thread or ThreadPoolExecutor(1, "engine-loop")
         self._running: Future | None = None
         self.error: BaseException | None = None
+        self.heartbeat = time.monotonic()   # when the last step finished (engine thread writes)
+        stall_file = os.environ.get(STALL_FILE_ENV)
+        if stall_file:
+            log.warning("fault injection: steps block while %s exists (%s)", stall_file,
+                        STALL_FILE_ENV)
+            engine.fault_hook = lambda: _wait_while_exists(stall_file)
 
     # ---- streams (event-loop side) ------------------------------------------------------------
     def has_stream(self, request_id: str) -> bool:
@@ -88,6 +102,12 @@ class EngineLoop:
             except TimeoutError:
                 log.warning("engine loop did not stop within 10 s")
 
+    def progress(self) -> Progress:
+        """A snapshot of the loop's progress, for the liveness watch (any thread)."""
+        scheduler = self.engine.scheduler
+        return Progress(self.heartbeat, len(scheduler.waiting), len(scheduler.running),
+                        self.engine.current_step)
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
@@ -95,6 +115,9 @@ class EngineLoop:
                 outputs = self.engine.step()
                 self.metrics.record_step(outputs)
                 self._hand_over(self.coalescer.push(outputs))
+                # a beat proves progress: a step that computed something, or nothing to compute
+                if self.engine.last_step.batch_size or not self.engine.scheduler.has_work():
+                    self.heartbeat = time.monotonic()
             self._hand_over(self.coalescer.flush())
         except BaseException as err:  # a crash here must not leave streams hanging
             log.exception("engine loop crashed")
@@ -117,3 +140,9 @@ class EngineLoop:
             queue.put_nowait(None)
         if self.on_crash is not None:
             self.on_crash()
+
+
+def _wait_while_exists(path: str) -> None:
+    """The fault hook behind STALL_FILE_ENV: block the engine thread while `path` exists."""
+    while os.path.exists(path):
+        time.sleep(0.01)

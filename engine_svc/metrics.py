@@ -62,6 +62,9 @@ class EngineMetrics:
                                        ["phase"], buckets=_STEP_BUCKETS, registry=r)
         self.device_memory = Gauge("llmserve_device_memory_bytes", "device memory by kind",
                                    ["kind"], registry=r)
+        self.stalls = Counter("llmserve_engine_stalls",
+                              "times the engine loop stopped making progress: no step finished "
+                              "for --stall-timeout seconds with requests pending", registry=r)
         for reason in FINISH_REASONS:
             self.finished.labels(reason=reason)
         for phase in ("prefill", "decode", "mixed"):

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_svc.engine import DuplicateRequestError, LLMEngine, QueueFullError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.grammar import ResponseFormat
+from engine_svc.liveness import LivenessWatch, Transition
 from engine_svc.metrics import EngineMetrics
 from engine_svc.params import FinishReason, SamplingParams, StoppingParams
 from llmserve.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
@@ -234,11 +235,16 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
         loop.add_signal_handler(sig, stop.set)
     engine_loop.start()
     await engine_loop.warm_up()
+    watch: asyncio.Task | None = None
     if engine_loop.error is None and not stop.is_set():
         await _publish_health(health_servicer, True)
         log.info("engine SERVING on %s", address)
+        watch = asyncio.create_task(_watch_liveness(engine_loop, health_servicer, servicer,
+                                                    engine.config.stall_timeout_s))
     await stop.wait()
     servicer.draining = True
+    if watch is not None:
+        watch.cancel()
     await _publish_health(health_servicer, False)
     if engine_loop.error is None:
         log.info("draining: %d in-flight streams", servicer.inflight)
@@ -252,6 +258,26 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
         return 1
     log.info("engine stopped")
     return 0
+
+
+async def _watch_liveness(engine_loop: EngineLoop, health_servicer: health.aio.HealthServicer,
+                          servicer: EngineServicer, timeout_s: float) -> None:
+    """NOT_SERVING (a stall counted and logged with its step) while the engine loop finishes no
+    step for timeout_s with work pending; SERVING again once it moves (unless draining)."""
+    watch = LivenessWatch(timeout_s)
+    while True:
+        await asyncio.sleep(min(1.0, timeout_s / 4))
+        now, progress = time.monotonic(), engine_loop.progress()
+        change = watch.check(now, progress)
+        if change is None:
+            continue
+        if change is Transition.STALLED:
+            engine_loop.metrics.stalls.inc()
+            log.error("%s; health NOT_SERVING until it moves", watch.describe(now, progress))
+        else:
+            log.warning("engine loop is making progress again; health SERVING")
+        if not servicer.draining:
+            await _publish_health(health_servicer, change is Transition.MOVING)
 
 
 def _build_server(servicer: EngineServicer, max_message_bytes: int
