@@ -23,17 +23,37 @@ import sys
 from tests.kernels.jit_capture import capture_specializations, distinct_compiles
 
 
-def _workload() -> list[tuple[int, str, list[int], int]]:
-    """(arrival step, request id, prompt, max_new_tokens): lengths 20..450 over a 512 context."""
+def workload(scale: int = 1) -> list[tuple[int, str, list[int], int]]:
+    """(arrival step, request id, prompt, max_new_tokens): lengths 20..450 (x scale) over a
+    512 (x scale) context."""
     import torch
 
     def prompt(n: int, seed: int) -> list[int]:
-        return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return torch.randint(3, 300, (n * scale,), generator=torch.Generator().manual_seed(seed)).tolist()
 
     shared = prompt(300, 1)
-    return [(0, "a", shared, 12), (0, "b", prompt(140, 2), 30), (3, "c", shared[:200] + prompt(40, 3), 20),
+    return [(0, "a", shared, 12), (0, "b", prompt(140, 2), 30), (3, "c", shared[:200 * scale] + prompt(40, 3), 20),
             (5, "d", prompt(20, 4), 40), (6, "e", prompt(25, 5), 8), (9, "f", prompt(450, 6), 5),
             (14, "g", prompt(60, 7), 25)]
+
+
+def drive(engine, requests: list[tuple[int, str, list[int], int]]) -> int:
+    """Feed the requests at their arrival steps, greedy and seeded top-p alternating, until all
+    finish; returns the number of steps."""
+    from engine_svc.params import SamplingParams, StoppingParams
+
+    pending = list(requests)
+    step = 0
+    while pending or engine.has_work():
+        for arrival, request_id, prompt, new_tokens in [p for p in pending if p[0] <= step]:
+            sampling = SamplingParams(temperature=0.0) if step % 2 else SamplingParams(
+                temperature=0.8, top_p=0.9, seed=step)
+            engine.add_request(request_id, prompt, sampling,
+                               StoppingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            pending.remove((arrival, request_id, prompt, new_tokens))
+        engine.step()
+        step += 1
+    return step
 
 
 def count_compiles(model_dir: str) -> dict[str, dict[str, int]]:
@@ -42,7 +62,6 @@ def count_compiles(model_dir: str) -> dict[str, dict[str, int]]:
     import kernels.backend as backend
     from engine_svc.config import EngineConfig
     from engine_svc.engine import LLMEngine
-    from engine_svc.params import SamplingParams, StoppingParams
 
     backend.interpret_mode = lambda: True  # admit the triton backend on CPU tensors (the kernels
     #                                        themselves still see compiled mode and GPU tile sizes)
@@ -52,17 +71,7 @@ def count_compiles(model_dir: str) -> dict[str, dict[str, int]]:
                                         max_num_seqs=8, max_num_batched_tokens=192,
                                         kv_capacity_tokens=4096, cuda_graphs=True))
         at_start = {spec.key for spec in recorded}
-        pending = _workload()
-        step = 0
-        while pending or engine.has_work():
-            for arrival, request_id, prompt, new_tokens in [p for p in pending if p[0] <= step]:
-                sampling = SamplingParams(temperature=0.0) if step % 2 else SamplingParams(
-                    temperature=0.8, top_p=0.9, seed=step)
-                engine.add_request(request_id, prompt, sampling,
-                                   StoppingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                pending.remove((arrival, request_id, prompt, new_tokens))
-            engine.step()
-            step += 1
+        drive(engine, workload())
     return {"compiles": distinct_compiles(recorded),
             "after_start": distinct_compiles([s for s in recorded if s.key not in at_start])}
 

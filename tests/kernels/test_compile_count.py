@@ -31,3 +31,13 @@ def test_mixed_workload_compiles_each_kernel_once_before_serving(tmp_path, make_
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["compiles"] == EXPECTED
     assert counts["after_start"] == {}  # the start-up warm-up compiled everything serving uses
+
+
+def test_triton_cache_dir_persists_across_restarts(tmp_path) -> None:
+    from kernels.triton.launch import persist_triton_cache
+
+    env = {"LLMSERVE_CACHE_DIR": str(tmp_path)}
+    assert persist_triton_cache(env) == str(tmp_path / "triton") == env["TRITON_CACHE_DIR"]
+    assert (tmp_path / "triton").is_dir()
+    chosen = {"TRITON_CACHE_DIR": str(tmp_path / "mine")}
+    assert persist_triton_cache(chosen) == str(tmp_path / "mine")  # an explicit choice stays

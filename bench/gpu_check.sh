@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The engine's CUDA path checked in one run (bench/gpu_check.py says what each step does).
+#
+#   bench/gpu_check.sh [--quick] [--keep-going] [--only STEPS] [--model DIR]   on a CUDA machine
+#   bench/gpu_check.sh --dry-run                                                on a CPU (plumbing)
+#
+# Writes $OUT/gpu_check.json (rewritten after every step: where it stopped, and why) and
+# $OUT/gpu_check.log (--out DIR, else $OUT, else /tmp/gpu_check). Nothing is downloaded: the CUDA
+# torch is the machine's own (checked first), and wheels carried in .gpu_carry/wheels (e.g. gguf,
+# to convert a carried .gpu_carry/*.gguf) are installed offline into a scratch site dir.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-/tmp/gpu_check}"
+DRY=0
+ARGS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUT_DIR="$2"; shift 2 ;;
+        --out=*) OUT_DIR="${1#--out=}"; shift ;;
+        --dry-run) DRY=1; ARGS+=("$1"); shift ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+if [ -z "${PYTHON:-}" ]; then
+    if [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+JSON="$OUT_DIR/gpu_check.json"
+
+fail_early() {  # a JSON that says where the run stopped, before Python could write one
+    printf '{"schema": 1, "status": "failed", "stopped_at": "%s", "error": "%s"}\n' "$1" "$2" > "$JSON"
+    echo "gpu_check: stopped at $1: $2" | tee -a "$LOG" >&2
+    exit 1
+}
+
+echo "gpu_check.sh ${ARGS[*]:-} ($(date -u +%FT%TZ), python: $PYTHON, out: $OUT_DIR)" > "$LOG"
+if [ "$DRY" = 0 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$LOG" 2>&1 \
+        || echo "nvidia-smi: not available" >> "$LOG"
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" >> "$LOG" 2>&1 \
+        || fail_early preflight "$PYTHON has no CUDA torch (or sees no GPU)"
+fi
+if compgen -G ".gpu_carry/wheels/*.whl" > /dev/null; then
+    SITE=/tmp/gpu_check_site
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .gpu_carry/wheels/*.whl >> "$LOG" 2>&1 || fail_early wheels "offline wheel install failed"
+    export PYTHONPATH="$SITE"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_DEFAULT_FP_FUSION=1
+"$PYTHON" bench/gpu_check.py --out "$OUT_DIR" ${ARGS[@]+"${ARGS[@]}"} 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+"$PYTHON" - "$JSON" <<'PY' 2>/dev/null | tee -a "$LOG"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+print(f"gpu_check: {doc.get('status')}" + (f", stopped at {doc['stopped_at']}: {doc.get('error')}"
+                                          if doc.get("stopped_at") else ""))
+for step in doc.get("steps", []):
+    marks = " ".join(f"{k}={v['value']}{'' if v['met'] else '(!)'}" for k, v in step.get("targets", {}).items())
+    print(f"  {step['name']:14s} {step['status']:8s} {step['seconds']:7.1f} s  {marks}")
+PY
+exit "$rc"
