@@ -8,8 +8,32 @@
 # $OUT/gpu_check.log (--out DIR, else $OUT, else /tmp/gpu_check). Nothing is downloaded: the CUDA
 # torch is the machine's own (checked first), and wheels carried in .gpu_carry/wheels (e.g. gguf,
 # to convert a carried .gpu_carry/*.gguf) are installed offline into a scratch site dir.
+#   bench/gpu_check.sh --prepare-carry    here, before the calls: .gpu_carry/ with the default
+#       model's GGUF in two halves (p1/, p2/: each under the 64 MiB a call carries) + its sha256,
+#       and the gguf wheel; git ignores it. Then two calls to the lent machine, back to back (it
+#       keeps carried files while warm): carry [".gpu_carry/p1"] with `true`, then carry
+#       [".gpu_carry/p2", ".gpu_carry/wheels"] with `bench/gpu_check.sh`. Without it the check
+#       uses a random SmolLM2-shaped model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare-carry" ]; then
+    PY=.venv/bin/python
+    gguf=$("$PY" -c "from engine_svc.convert_gguf import locate_gguf; print(locate_gguf(None))") || exit 1
+    rm -rf .gpu_carry && mkdir -p .gpu_carry/p1 .gpu_carry/p2 .gpu_carry/wheels
+    name=$(basename "$gguf")
+    half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+    head -c "$half" "$gguf" > ".gpu_carry/p1/$name.part1"
+    tail -c +"$(( half + 1 ))" "$gguf" > ".gpu_carry/p2/$name.part2"
+    sha256sum "$gguf" | cut -d' ' -f1 > ".gpu_carry/p2/$name.sha256"
+    version=$(grep -E '^gguf==' requirements.txt | cut -d= -f3)
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux2014_x86_64 --platform any \
+        -d .gpu_carry/wheels "gguf==$version" || exit 1
+    grep -qxF '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
+    du -sh .gpu_carry/* && echo "carry .gpu_carry/p1, then .gpu_carry/p2 + .gpu_carry/wheels"
+    exit 0
+fi
 OUT_DIR="${OUT:-/tmp/gpu_check}"
 DRY=0
 ARGS=()

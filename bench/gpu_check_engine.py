@@ -47,17 +47,28 @@ def _random_model(config: dict, out: Path, seed: int = 0) -> Path:
 
 
 def _carried_gguf() -> Path | None:
-    """A carried GGUF (.gpu_carry/*.gguf, or its parts *.gguf.part* joined in name order)."""
-    whole = sorted(CARRY_DIR.glob("*.gguf"))
+    """A carried GGUF under .gpu_carry/: whole (*.gguf), or parts (*.gguf.part*, in any subfolder,
+    joined in file-name order; a *.gguf.sha256 beside them is checked)."""
+    import hashlib
+
+    whole = sorted(CARRY_DIR.rglob("*.gguf"))
     if whole:
         return whole[0]
-    parts = sorted(CARRY_DIR.glob("*.gguf.part*"))
+    parts = sorted(CARRY_DIR.rglob("*.gguf.part*"), key=lambda p: p.name)
     if not parts:
         return None
     joined = Path("/tmp") / parts[0].name.split(".part")[0]
+    digest = hashlib.sha256()
     with joined.open("wb") as out:
         for part in parts:
-            out.write(part.read_bytes())
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    expected = sorted(CARRY_DIR.rglob("*.gguf.sha256"))
+    if expected and expected[0].read_text().split()[0] != digest.hexdigest():
+        log.warning("GGUF parts %s do not join to %s (a part missing: the machine was not warm "
+                    "between the calls?): using a random model", [p.name for p in parts], expected[0].name)
+        return None
     return joined
 
 
@@ -71,7 +82,7 @@ def model_step(ctx: Context) -> dict:
         ctx.model_dir, ctx.model_note = DEFAULT_MODEL, "default model (converted)"
     elif (gguf := _carried_gguf()) is not None:
         done = subprocess.run([sys.executable, "-m", "engine_svc.convert_gguf", "--gguf", str(gguf),
-                               "--out", str(DEFAULT_MODEL)], cwd=REPO_ROOT, capture_output=True,
+                               "--out", str(DEFAULT_MODEL), "--no-verify"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=110)
         if done.returncode != 0:
             raise CheckFailed(f"converting {gguf.name} failed: {done.stderr[-2000:]}")

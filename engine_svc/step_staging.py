@@ -53,7 +53,8 @@ class StepStaging:
         self._pinned = self.device.type == "cuda"
         self._host = self._alloc_host(initial_bytes)
         self._device_buffer = torch.empty(initial_bytes, dtype=torch.uint8, device=self.device)
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if self._pinned else None   # re-recorded each copy
+        self._recorded = False
         self.copies = 0   # host->device copies made (tests count them)
 
     def _alloc_host(self, nbytes: int) -> torch.Tensor:
@@ -70,7 +71,7 @@ class StepStaging:
         if layout is None:
             layout, nbytes = make_layout([(name, _torch_dtype(a), len(a)) for name, a in arrays.items()])
         assert nbytes is not None
-        if self._copied is not None:
+        if self._recorded:
             self._copied.synchronize()   # the last copy has read the host buffer
         if self._host.numel() < nbytes:
             self._host = self._alloc_host(max(nbytes, 2 * self._host.numel()))
@@ -88,9 +89,9 @@ class StepStaging:
             dest = self._device_buffer
         dest[:nbytes].copy_(self._host[:nbytes], non_blocking=self._pinned)
         self.copies += 1
-        if self._pinned:
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
+            self._recorded = True
         return {name: typed_view(dest, layout[name], len(array)) for name, array in arrays.items()}
 
 

@@ -167,7 +167,7 @@ def test_prefill_reads_each_kv_head_once_per_token_block(tops: SimpleNamespace,
         patch.setattr(module, "_prefill_attention_kernel", recorder)
         pb = make_pool_batch([0, 3, 9, 1, 0], [5, 16, 2, 17, 3], 2, 64, torch.float32, device)
         _prefill(tops, torch.randn(43, 8, 64, device=device), pb, [5, 16, 2, 17, 3], 0.125)
-        pb = make_pool_batch([90], [2], 2, 64, torch.float32, device)
+        pb = make_pool_batch([600], [2], 2, 64, torch.float32, device)  # >= 2 slices of 256 on GPU
         _prefill(tops, torch.randn(2, 8, 64, device=device), pb, [2], 0.125)
     (blocks, batch, columns), (_, _, split_columns) = recorder.grids
     assert batch == 5 and columns == 2  # 2 KV heads serve 8 query heads: 1 program, not 4
