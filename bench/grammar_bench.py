@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -147,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device="cpu",
                                     max_num_seqs=ROWS, max_model_len=1024,
-                                    enable_prefix_caching=False, adaptive_threads=False))
+                                    enable_prefix_caching=False))
     clock = GrammarClock(engine)
     batch = prompts(args.model)
     free = SamplingParams(temperature=0.0)
@@ -185,9 +186,10 @@ def report(args, engine: LLMEngine, times: dict[str, list[float]],
               "dtype": str(engine.runner.dtype).removeprefix("torch."), "step_ms": ms,
               "grammar_ms_per_step": parts, "free_check_ms_per_step": check_ms,
               "schemas": KINDS, "machine": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     print(f"{ROWS} rows decoding, {steps} steps per run kind, {engine.runner.dtype}, "
-          f"{torch.get_num_threads()} torch threads (a shared machine: noisy)")
+          f"{torch.get_num_threads()} torch threads, load average "
+          f"{', '.join(f'{load:.1f}' for load in os.getloadavg())} (a shared machine: noisy)")
     print(f"{'ms per decode step':24}" + "".join(f"{kind:>16}" for kind in KINDS))
     constrained = [kind for kind in KINDS if KINDS[kind] is not None]
     for stat in ("median", "mean"):
