@@ -3,8 +3,8 @@
 Order of operations per row (greedy rows stop after step 1):
   0. grammar mask: -inf on tokens the row's response_format forbids (constrained rows only;
      engine_svc/grammar.py), so penalties, sampling and logprobs see allowed tokens only
-  0. logit bias: the request's logit_bias plus -inf on eos/stop ids before min_tokens (only
-     rows that have one; a batch without any skips it)
+  0b. logit bias (after the mask): the request's logit_bias plus -inf on eos/stop ids before
+     min_tokens (only rows that have one; a batch without any skips it)
   1. penalties (repetition over prompt+output, presence/frequency over output) -> greedy argmax
   2. temperature scaling
   3. top-k and top-p (one sort; one topk if every row has a top_k), then min-p (vs the top token)
@@ -16,8 +16,9 @@ the same tokens whatever batch it sits in; unseeded rows share the sampler's gen
 runner seeds that generator anew for every token (`seeded_generator`: a mix of the request's
 seed and the token's position), so a token's noise depends on (seed, position) alone, not on
 the generator's history: a request resumed elsewhere with its tokens so far continues exactly. The
-returned logprobs describe the model's distribution after step 0 (log-softmax of the logits
-plus the logit bias: a banned token has logprob -inf), before penalties and temperature.
+returned logprobs describe the model's distribution after steps 0 and 0b (log-softmax of the
+masked logits plus the logit bias: a banned token has logprob -inf), before penalties and
+temperature.
 Rows' params are assumed already validated (SamplingParams.validate at admission).
 """
 from __future__ import annotations
