@@ -5,9 +5,13 @@ At engine start (kernels/cpu/linear.py `prepare_weights`) every projection shape
 own weights, through both candidates: the C AVX512-BF16 kernel (csrc/gemm_bf16.c) and oneDNN on
 reordered weights (which uses AMX tiles where the CPU has them). Per bucket the faster one is
 kept, with the C kernel as the incumbent: oneDNN must win by MARGIN on the median of paired,
-alternating runs (by NOISY_MARGIN where the runs were spread wide: a busy machine). A step of
-`rows` rows uses the bucket nearest to it on a log scale. Timing goes bucket by bucket across
-shapes and stops at BUDGET_S (a busy machine): buckets not reached keep the C kernel.
+alternating runs. A step of `rows` rows uses the bucket nearest to it on a log scale.
+
+A busy machine makes timings lie (a descheduled thread stalls either kernel for milliseconds),
+so a bucket whose runs were spread wide (median >= NOISY_SPREAD x fastest), or that the time
+budget (BUDGET_S; timing goes bucket by bucket across shapes) cut short or never reached, takes
+the prior instead: oneDNN from 32 rows where the CPU has AMX (it won 2.6x at 32 rows and 6x at
+2048 on a Xeon, lost 1.9x at 1 row), the C kernel elsewhere.
 
 Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
 forward pass reads them (memory-bound); big ones time one (compute-bound). lm_head is
@@ -15,10 +19,9 @@ not timed at 2048 rows (it sees one row per request) and takes its 256-row choic
 
 The table is cached per CPU model, flags, torch version, thread count, C library build and
 shapes under the cache dir (~/.cache/llmserve/gemm_choice/), so only the first start pays the
-~1-3 s of timing; LLMSERVE_GEMM_CACHE=0 measures anew and stores nothing. A table whose runs
-were spread wide (median >= NOISY_SPREAD x fastest: a busy machine) or cut short by the budget
-is reused for PROVISIONAL_TTL_S only (so a busy machine does not pay the timing at every start,
-nor keep a poor measurement for good).
+~1.5 s of timing here; LLMSERVE_GEMM_CACHE=0 measures anew and stores nothing. A table with
+noisy or untimed buckets is reused for PROVISIONAL_TTL_S only (a busy machine does not pay the
+timing at every start, nor keep a partial measurement for good).
 """
 from __future__ import annotations
 
@@ -40,10 +43,10 @@ NATIVE, ONEDNN = "native", "onednn"
 MARGIN = 0.05            # oneDNN must be this much faster (paired median) to replace the C kernel
 MEMORY_BOUND_ROWS = 32   # up to here weights stream from memory: rotate over many layers
 LM_HEAD_MAX_ROWS = 256   # lm_head sees one row per request: not timed beyond this
-CHOOSER_VERSION = 1      # part of the cache key: bump when the method changes
+CHOOSER_VERSION = 2      # part of the cache key: bump when the method changes
 NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
-NOISY_MARGIN = 0.25      # ... and oneDNN must win by this much to replace the C kernel there
-BUDGET_S = 5.0           # timing stops here (a busy machine): later buckets keep the C kernel
+BUDGET_S = 5.0           # timing stops here (a busy machine): later buckets take the prior
+AMX_ONEDNN_FROM_ROWS = 32   # the prior on AMX CPUs: oneDNN from this many rows
 PROVISIONAL_TTL_S = 3600.0   # a noisy or cut-short table is reused this long, then re-measured
 
 
@@ -55,7 +58,8 @@ class BucketTiming:
     native_s: list[float]
     onednn_s: list[float]
     choice: str = NATIVE
-    measured: bool = True   # False: copied from a smaller bucket (lm_head at 2048)
+    measured: bool = True   # False: copied from a smaller bucket (lm_head at 2048) or untimed
+    prior: bool = False     # True: the choice is the prior's (noisy, cut short or untimed)
 
     def noisy(self) -> bool:
         """Whether either candidate's median run took NOISY_SPREAD x its fastest or more."""
@@ -89,6 +93,10 @@ class GemmTable:
     def noisy(self) -> bool:
         """Whether any bucket's runs were spread wide (a busy machine): then not cached."""
         return any(b.noisy() for shape in self.shapes.values() for b in shape.buckets)
+
+    def provisional(self) -> bool:
+        """Whether any bucket took the prior (noisy, cut short or untimed): cached briefly."""
+        return any(b.prior for shape in self.shapes.values() for b in shape.buckets)
 
     def truncated(self) -> bool:
         """Whether the time budget ran out before every bucket was timed."""
@@ -160,11 +168,17 @@ def rotation(layers: int, out_features: int, in_features: int, rows: int,
     return max(1, min(layers, math.ceil(2 * cache_bytes / weight_bytes)))
 
 
+def prior_choice(rows: int, amx: bool) -> str:
+    """A bucket's pick without a trustworthy timing: oneDNN from AMX_ONEDNN_FROM_ROWS rows on
+    a CPU with AMX, else the C kernel."""
+    return ONEDNN if amx and rows >= AMX_ONEDNN_FROM_ROWS else NATIVE
+
+
 def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
-                   clock: Callable[[], float] = time.perf_counter,
-                   deadline: float = math.inf) -> BucketTiming:
-    """Both candidates' seconds per call at `rows` rows, and the pick (fewer runs, and the
-    wider noisy margin, when the deadline passes meanwhile)."""
+                   clock: Callable[[], float] = time.perf_counter, deadline: float = math.inf,
+                   amx: bool = False) -> BucketTiming:
+    """Both candidates' seconds per call at `rows` rows, and the pick: the faster, or the
+    prior when the runs were noisy or the deadline cut them short."""
     count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
     x = shape.make_x(rows)
 
@@ -179,17 +193,18 @@ def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
     repeats = 5 if rows <= MEMORY_BOUND_ROWS else 3
     native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock, deadline)
     timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
-    cut_short = len(native_s) < repeats
-    timing.choice = decide(timing.native_s, timing.onednn_s,
-                           NOISY_MARGIN if cut_short or timing.noisy() else MARGIN)
+    if len(native_s) < repeats or timing.noisy():
+        timing.choice, timing.prior = prior_choice(rows, amx), True
+    else:
+        timing.choice = decide(timing.native_s, timing.onednn_s)
     return timing
 
 
 def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
-                clock: Callable[[], float] = time.perf_counter,
-                deadline: float = math.inf) -> dict[str, ShapeChoice]:
+                clock: Callable[[], float] = time.perf_counter, deadline: float = math.inf,
+                amx: bool = False) -> dict[str, ShapeChoice]:
     """Every shape at every bucket, smallest bucket first across shapes; buckets reached after
-    `deadline` (on `clock`) stay untimed with the C kernel."""
+    `deadline` (on `clock`) stay untimed and take the prior."""
     results = {c.name: ShapeChoice(c.name, c.out_features, c.in_features) for c in candidates}
     for rows in BUCKET_ROWS:
         for shape in candidates:
@@ -197,18 +212,20 @@ def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
             if rows > shape.max_rows:
                 last = buckets[-1]
                 buckets.append(BucketTiming(rows, last.native_s, last.onednn_s, last.choice,
-                                            measured=False))
+                                            measured=False, prior=last.prior))
             elif clock() >= deadline:
-                buckets.append(BucketTiming(rows, [], [], NATIVE, measured=False))
+                buckets.append(BucketTiming(rows, [], [], prior_choice(rows, amx),
+                                            measured=False, prior=True))
             else:
-                buckets.append(measure_bucket(shape, rows, cache_bytes, clock, deadline))
+                buckets.append(measure_bucket(shape, rows, cache_bytes, clock, deadline, amx))
     return results
 
 
 def measure_shape(shape: ShapeCandidates, cache_bytes: int,
-                  clock: Callable[[], float] = time.perf_counter) -> ShapeChoice:
+                  clock: Callable[[], float] = time.perf_counter,
+                  amx: bool = False) -> ShapeChoice:
     """One shape at every bucket up to shape.max_rows (beyond it: the last timed choice)."""
-    return measure_all([shape], cache_bytes, clock)[shape.name]
+    return measure_all([shape], cache_bytes, clock, amx=amx)[shape.name]
 
 
 def last_level_cache_bytes() -> int:
@@ -222,6 +239,17 @@ def last_level_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return largest or 32 << 20
+
+
+def cpu_has_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX tiles with bf16."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return {"amx_tile", "amx_bf16"} <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
 
 
 def cpu_identity() -> dict[str, str]:
@@ -285,7 +313,7 @@ def store(path: Path, table: GemmTable, identity: dict[str, object],
 
 def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], cache_dir: Path,
            cache_bytes: int | None = None, clock: Callable[[], float] = time.perf_counter,
-           budget_s: float = BUDGET_S) -> GemmTable:
+           budget_s: float = BUDGET_S, amx: bool | None = None) -> GemmTable:
     """The table for these shapes: from the cache when one matches, else measured within
     budget_s and stored (for PROVISIONAL_TTL_S only when noisy or cut short)."""
     path = cache_dir / f"{cache_key(identity)}.json"
@@ -295,15 +323,17 @@ def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], c
         return cached
     started = time.perf_counter()
     llc = cache_bytes if cache_bytes is not None else last_level_cache_bytes()
-    table = GemmTable(measure_all(candidates, llc, clock, clock() + budget_s),
+    amx = cpu_has_amx() if amx is None else amx
+    table = GemmTable(measure_all(candidates, llc, clock, clock() + budget_s, amx),
                       source="measured")
     table.seconds = time.perf_counter() - started
-    provisional = table.truncated() or table.noisy()
+    provisional = table.provisional()
     if table.truncated():
         log.warning("GEMM timing stopped at its %.1f s budget (a busy machine?): the untimed "
-                    "buckets keep the C kernel", budget_s)
+                    "buckets take the prior (*)", budget_s)
     elif table.noisy():
-        log.warning("GEMM timings were noisy (a busy machine?)")
+        log.warning("GEMM timings were noisy (a busy machine?): those buckets take the prior "
+                    "(*)")
     if use_cache:
         store(path, table, identity, provisional)
         if provisional:
@@ -317,14 +347,15 @@ def format_table(table: GemmTable) -> str:
     head = f"{'shape':<10}{'out x in':>13}" + "".join(f"{r:>24}" for r in BUCKET_ROWS)
     lines = [f"bf16 GEMM choice ({table.source}"
              + (f", {table.seconds:.2f} s" if table.source == "measured" else "")
-             + "): rows -> pick (C ms / oneDNN ms)", head]
+             + "): rows -> pick (C ms / oneDNN ms); * the prior: noisy or untimed", head]
     for shape in table.shapes.values():
         cells = []
         for b in shape.buckets:
             times = (f"{statistics.median(b.native_s) * 1e3:.3f}/"
                      f"{statistics.median(b.onednn_s) * 1e3:.3f}") if b.measured else (
                 "as 256" if b.native_s else "untimed")
-            cells.append(f"{'C' if b.choice == NATIVE else 'oneDNN'} {times}")
+            pick = ("C" if b.choice == NATIVE else "oneDNN") + ("*" if b.prior else "")
+            cells.append(f"{pick} {times}")
         lines.append(f"{shape.name:<10}{f'{shape.out_features}x{shape.in_features}':>13}"
                      + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)

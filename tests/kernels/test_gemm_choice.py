@@ -99,20 +99,26 @@ def test_lm_head_takes_its_256_row_choice_at_2048_untimed() -> None:
     assert max(rows for _, rows, _ in calls) == 256
 
 
-def test_noisy_runs_need_a_wider_win_to_leave_the_c_kernel() -> None:
+def test_noisy_runs_take_the_prior_not_the_timing() -> None:
     clock = FakeClock()
 
     def spread_out(base: float):
-        factors = iter([1.0, 1.0, 2.0, 2.0, 2.0, 1.0] * 20)   # runs at 1x and 2x: noisy
+        factors = iter([1.0, 2.0, 2.0] * 20)   # runs at 1x and 2x: every bucket noisy
         return lambda rows: base * next(factors)
 
-    for ratio, expected in ((0.85, gc.NATIVE), (0.6, gc.ONEDNN)):
-        shape = _fake_shape(clock, "qkv", spread_out(1e-3), spread_out(ratio * 1e-3), layers=1)
-        first = gc.measure_shape(shape, cache_bytes=1, clock=clock).buckets[0]
-        assert first.noisy() and first.choice == expected, (ratio, first)
-    # the same 0.85 on quiet runs is a win
+    for amx, expected in ((False, [gc.NATIVE] * 5),
+                          (True, [gc.NATIVE, gc.NATIVE, gc.ONEDNN, gc.ONEDNN, gc.ONEDNN])):
+        # oneDNN looks 3x faster (or slower) on noisy runs: the prior decides either way
+        for ratio in (0.3, 3.0):
+            shape = _fake_shape(clock, "qkv", spread_out(1e-3), spread_out(ratio * 1e-3),
+                                layers=1)
+            result = gc.measure_shape(shape, cache_bytes=1, clock=clock, amx=amx)
+            assert all(b.noisy() and b.prior for b in result.buckets)
+            assert result.choices() == expected, (amx, ratio)
+    # quiet runs: the timing decides, whatever the prior
     shape = _fake_shape(clock, "qkv", lambda rows: 1e-3, lambda rows: 0.85e-3, layers=1)
-    assert gc.measure_shape(shape, cache_bytes=1, clock=clock).buckets[0].choice == gc.ONEDNN
+    result = gc.measure_shape(shape, cache_bytes=1, clock=clock, amx=False)
+    assert result.choices() == [gc.ONEDNN] * 5 and not any(b.prior for b in result.buckets)
 
 
 def test_a_spread_of_runs_marks_the_bucket_noisy() -> None:
@@ -174,17 +180,24 @@ def test_timing_stops_at_its_budget_bucket_by_bucket_and_is_provisional(tmp_path
     # 1 row: 6 runs each x 4 layers x (1 + 0.1) ms = 26 ms per shape, 8 rows 211 ms: the 0.3 s
     # budget ends after the 8-row bucket
     table = gc.choose(shapes, {"cpu_model": "x"}, tmp_path, cache_bytes=1 << 20, clock=clock,
-                      budget_s=0.3)
-    assert table.truncated()
+                      budget_s=0.3, amx=False)
+    assert table.truncated() and table.provisional()
     stored = list(tmp_path.glob("*.json"))
     assert gc.load_cached(stored[0], ["qkv"], now=time.time() + gc.PROVISIONAL_TTL_S + 1) is None
     for shape in table.shapes.values():
-        assert shape.choices() == [gc.ONEDNN, gc.ONEDNN, gc.NATIVE, gc.NATIVE, gc.NATIVE]
         assert [b.measured for b in shape.buckets] == [True, True, False, False, False]
-    assert "untimed" in gc.format_table(table)
-    # the bucket running when the budget ran out stopped after its first pair of runs
-    assert len(table.shapes["qkv"].buckets[1].native_s) == 5
-    assert len(table.shapes["down"].buckets[1].native_s) == 1
+    # the bucket running when the budget ran out stopped after its first pair of runs and
+    # took the prior (the C kernel without AMX), as the untimed ones did
+    qkv, down = table.shapes["qkv"], table.shapes["down"]
+    assert len(qkv.buckets[1].native_s) == 5 and len(down.buckets[1].native_s) == 1
+    assert qkv.choices() == [gc.ONEDNN, gc.ONEDNN, gc.NATIVE, gc.NATIVE, gc.NATIVE]
+    assert down.choices() == [gc.ONEDNN, gc.NATIVE, gc.NATIVE, gc.NATIVE, gc.NATIVE]
+    assert [b.prior for b in down.buckets] == [False, True, True, True, True]
+    assert "untimed" in gc.format_table(table) and "C* untimed" in gc.format_table(table)
+    # with AMX the untimed buckets from 32 rows take oneDNN
+    amx_table = gc.choose(shapes, {"cpu_model": "amx"}, tmp_path, cache_bytes=1 << 20,
+                          clock=clock, budget_s=0.3, amx=True)
+    assert amx_table.shapes["down"].choices()[2:] == [gc.ONEDNN] * 3
     # smallest bucket first across shapes: both shapes at 1 row before either at 8
     order = [(x, impl) for impl, x, i in calls if i == 0]
     first_8 = next(n for n, (rows, _) in enumerate(order) if rows == 8)
@@ -197,7 +210,7 @@ def test_a_broken_cache_file_is_measured_over(tmp_path) -> None:
     path = tmp_path / f"{gc.cache_key(identity)}.json"
     path.write_text("{not json")
     table = gc.choose(_candidates(clock, lambda rows: 1e-4), identity, tmp_path,
-                      cache_bytes=1, clock=clock)
+                      cache_bytes=1, clock=clock, budget_s=1e9)
     assert table.source == "measured"
     assert gc.load_cached(path, ["qkv", "lm_head"]) is not None
     assert gc.load_cached(path, ["qkv", "down"]) is None   # a shape it does not hold
