@@ -91,7 +91,9 @@ class Sequence:
     def generated_ids(self) -> list[int]:
         """Every generated id: output_ids, after the prompt's generated tail when resumed."""
         n = self.num_generated_prompt_tokens
-        return self.prompt_ids[len(self.prompt_ids) - n:] + self.output_ids if n else self.output_ids
+        if not n:
+            return self.output_ids
+        return self.prompt_ids[len(self.prompt_ids) - n:] + self.output_ids
 
     def expired(self, now: float) -> bool:
         """True once the request's deadline has passed."""

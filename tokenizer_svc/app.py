@@ -1,4 +1,4 @@
-"""Lifecycle of the tokenizer service: start, follow the engine's health, drain on signals."""
+"""Lifecycle of the tokenizer service: start, follow the engines' health, drain on signals."""
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +10,11 @@ from grpc_health.v1 import health
 
 from tokenizer_svc.config import FrontendConfig
 from tokenizer_svc.engine_client import EngineClient
+from tokenizer_svc.engine_pool import EnginePool
 from tokenizer_svc.frontend import EngineState, FrontendCore
 from tokenizer_svc.metrics import FrontendMetrics
-from tokenizer_svc.schema import ServiceError
 from tokenizer_svc.security import ApiKeyInterceptor, channel_credentials, server_credentials
+from tokenizer_svc.router import Router
 from tokenizer_svc.server import TextGenerationServicer, build_grpc_server, publish_health
 
 if TYPE_CHECKING:
@@ -29,82 +30,55 @@ class ServiceHealth:
     def __init__(self) -> None:
         self.servicer = health.aio.HealthServicer()
         self.serving = False
+        self._draining = False
 
     async def publish(self, serving: bool) -> None:
+        if self._draining:
+            return
         self.serving = serving
         await publish_health(self.servicer, serving)
 
     async def shut_down(self) -> None:
         """NOT_SERVING for good (a drain has begun)."""
+        self._draining = True
         self.serving = False
         await self.servicer.enter_graceful_shutdown()
 
 
-class EngineMonitor:
-    """Loads the engine's info (retrying while it is down), then polls its health and mirrors
-    it into this service's health: NOT_SERVING while the engine is unreachable or not serving."""
-
-    def __init__(self, engine: EngineClient, state: EngineState, service_health: ServiceHealth,
-                 config: FrontendConfig) -> None:
-        self._engine = engine
-        self._state = state
-        self._health = service_health
-        self._config = config
-        self.engine_serving: bool | None = None
-
-    async def run(self) -> None:
-        """Runs until cancelled."""
-        await self._health.publish(False)
-        self._state.limits = await self._engine.wait_for_info(
-            self._config.engine_info_max_backoff_s)
-        log.info("engine at %s: %s", self._engine.address, self._state.limits)
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(self._config.engine_poll_interval_s)
-
-    async def poll_once(self) -> None:
-        """One health check; on a change, refresh the engine's info and publish the status."""
-        serving = await self._engine.is_serving(timeout_s=max(0.5,
-                                                              self._config.engine_poll_interval_s))
-        if serving and self.engine_serving is False:
-            try:  # the engine came back: it may have restarted with other limits
-                self._state.limits = await self._engine.fetch_info()
-            except ServiceError:
-                serving = False
-        if serving != self.engine_serving:
-            if self.engine_serving is not None or not serving:
-                log.warning("engine at %s is %s", self._engine.address,
-                            "serving" if serving else "NOT serving")
-            self.engine_serving = serving
-            await self._health.publish(serving)
-
-
 class FrontendServer:
     """The running tokenizer service: gRPC server, OpenAI HTTP server (unless --http-port 0),
-    metrics endpoint and engine monitor, all on one event loop around one FrontendCore."""
+    metrics endpoint and the engine pool, all on one event loop around one FrontendCore."""
 
     def __init__(self, config: FrontendConfig, tokenizer: ModelTokenizer,
                  metrics: FrontendMetrics | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.metrics = metrics or FrontendMetrics()
-        self.engine = EngineClient(
-            config.engine_address,
-            channel_credentials(config.engine_tls_ca, config.engine_tls_cert,
-                                config.engine_tls_key) if config.engine_uses_tls else None,
-            config.engine_tls_server_name)
-        self.engine_state = EngineState(config.engine_address)
+        targets = config.engine_targets
+        self.engine_state = EngineState(targets.describe())
+        self.engines = EnginePool(targets, config, Router(config.router_config), self.metrics,
+                                  self._engine_client, self.engine_state, self._publish_health)
         self.port = 0
         self.http_port = 0
         self.metrics_port = 0
         self._http: HttpServer | None = None
-        self._monitor_task: asyncio.Task[None] | None = None
+
+    def _engine_client(self, address: str) -> EngineClient:
+        config = self.config
+        return EngineClient(
+            address, channel_credentials(config.engine_tls_ca, config.engine_tls_cert,
+                                         config.engine_tls_key) if config.engine_uses_tls
+            else None, config.engine_tls_server_name)
+
+    async def _publish_health(self, serving: bool) -> None:
+        await self.service_health.publish(serving)
 
     async def start(self) -> None:
-        """Bind, start serving (health NOT_SERVING until the engine answers), start the monitor."""
+        """Bind, start serving (health NOT_SERVING until an engine serves), start the pool;
+        ValueError when the engines that answer serve different models."""
         self.service_health = ServiceHealth()
         self.health = self.service_health.servicer
-        self.core = FrontendCore(self.config, self.tokenizer, self.engine, self.engine_state,
+        self.core = FrontendCore(self.config, self.tokenizer, self.engines, self.engine_state,
                                  self.metrics)
         servicer = TextGenerationServicer(self.core)
         interceptors = [ApiKeyInterceptor(self.config.api_key)] if self.config.api_key else []
@@ -124,9 +98,11 @@ class FrontendServer:
         if self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port,
                                                         self.config.host)
-        monitor = EngineMonitor(self.engine, self.engine_state, self.service_health, self.config)
-        self.monitor = monitor
-        self._monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
+        try:
+            await self.engines.start()
+        except BaseException:
+            await self.stop(0)
+            raise
 
     async def _start_http(self) -> None:
         from tokenizer_svc.http_api import build_app  # FastAPI only when HTTP is on
@@ -146,10 +122,7 @@ class FrontendServer:
         await self.service_health.shut_down()
         await asyncio.gather(self._server.stop(grace_s),
                              self._http.stop(grace_s) if self._http else asyncio.sleep(0))
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            await asyncio.gather(self._monitor_task, return_exceptions=True)
-        await self.engine.close()
+        await self.engines.close()
         await asyncio.to_thread(self.metrics.stop_http)
 
 
@@ -159,11 +132,11 @@ async def serve(config: FrontendConfig) -> int:
     server = FrontendServer(config, tokenizer)
     await server.start()
     log.info("tokenizer_svc serving llmserve.v1.TextGeneration on %s:%d (%s%s; metrics :%s), "
-             "engine at %s (%s)", config.host, server.port,
+             "engines at %s (%s, routing %s)", config.host, server.port,
              "TLS" if config.tls_cert else "plaintext",
              ", client certificates required" if config.tls_ca else "",
              server.metrics_port if config.metrics_port >= 0 else "off", config.engine_address,
-             "TLS" if config.engine_uses_tls else "plaintext")
+             "TLS" if config.engine_uses_tls else "plaintext", config.routing)
     if server.http_port:
         log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if config.tls_cert
                  else "http", config.host, server.http_port)

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizer_svc.engine_targets import EngineTargets, parse_engine_targets
+from tokenizer_svc.router import ROUTING_MODES, RouterConfig
+
 API_KEY_ENV = "LLMSERVE_API_KEY"  # the API key without putting it on the command line
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -35,6 +38,11 @@ class FrontendConfig:
     engine_tls_key: Path | None = None
     engine_tls_server_name: str | None = None
     api_key: str | None = None
+    routing: str = "prefix"
+    routing_prefix_blocks: int = 4
+    max_engine_retries: int = 2
+    engine_stall_timeout_s: float = 5.0
+    dns_refresh_interval_s: float = 5.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that is out of range."""
@@ -44,15 +52,19 @@ class FrontendConfig:
             raise ValueError(f"--http-port must be in [0, 65535] (0 = off), got {self.http_port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
-        if ":" not in self.engine_address:
-            raise ValueError(f"--engine must be HOST:PORT, got {self.engine_address!r}")
+        self.engine_targets  # noqa: B018  (ValueError naming --engine when malformed)
+        self.router_config.validate()
+        if self.max_engine_retries < 0:
+            raise ValueError(f"--max-engine-retries must be >= 0, got {self.max_engine_retries}")
         if self.max_concurrent < 1:
             raise ValueError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
         if self.default_max_new_tokens < 1:
             raise ValueError(
                 f"--default-max-new-tokens must be >= 1, got {self.default_max_new_tokens}")
         for flag, value in (("--grace-period", self.grace_period_s),
-                            ("--engine-poll-interval", self.engine_poll_interval_s)):
+                            ("--engine-poll-interval", self.engine_poll_interval_s),
+                            ("--engine-stall-timeout", self.engine_stall_timeout_s),
+                            ("--dns-refresh-interval", self.dns_refresh_interval_s)):
             if value <= 0:
                 raise ValueError(f"{flag} must be > 0 seconds, got {value}")
         if self.max_message_bytes < 1024:
@@ -77,6 +89,15 @@ class FrontendConfig:
                 raise ValueError(f"{flag} {path}: no such file")
 
     @property
+    def engine_targets(self) -> EngineTargets:
+        """--engine parsed: addresses, or a DNS name to resolve (ValueError when malformed)."""
+        return parse_engine_targets(self.engine_address)
+
+    @property
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(mode=self.routing, prefix_blocks=self.routing_prefix_blocks)
+
+    @property
     def engine_uses_tls(self) -> bool:
         """True when the engine channel is TLS (any --engine-tls-* flag given)."""
         return any(v is not None for v in (self.engine_tls_ca, self.engine_tls_cert,
@@ -94,8 +115,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="Hugging Face model directory holding the tokenizer files "
                              "(tokenizer.json, tokenizer_config.json); the same model the engine "
                              "serves")
-    parser.add_argument("--engine", default="127.0.0.1:50052", metavar="HOST:PORT",
-                        help="address of the engine's gRPC server (default: %(default)s)")
+    parser.add_argument("--engine", default="127.0.0.1:50052", metavar="TARGET",
+                        help="the engines' gRPC servers: HOST:PORT, a comma-separated list of "
+                             "them, or dns:///NAME:PORT (every address of NAME, re-resolved; "
+                             "a Kubernetes headless Service) (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to serve gRPC on; 0.0.0.0 for all (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50051,
@@ -119,14 +142,37 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM/SIGINT, how long in-flight streams may run before they "
                              "are cancelled (default: %(default)s)")
     parser.add_argument("--engine-poll-interval", type=float, default=0.5, metavar="SECONDS",
-                        help="how often the engine's grpc.health.v1 status is polled; this "
-                             "service reports NOT_SERVING while the engine is not serving "
-                             "(default: %(default)s)")
+                        help="first wait before reconnecting to an engine whose grpc.health.v1 "
+                             "Watch broke (doubling up to 2 s); this service reports "
+                             "NOT_SERVING while no engine is serving (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         metavar="N", help="largest gRPC message accepted or sent; bigger requests "
                         "fail with RESOURCE_EXHAUSTED (default: %(default)s)")
+    _add_engine_pool_args(parser)
     _add_security_args(parser)
     return parser
+
+
+def _add_engine_pool_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engines", "routing over several engines and failover")
+    group.add_argument("--routing", choices=ROUTING_MODES, default="prefix",
+                       help="prefix: requests sharing their first blocks of prompt tokens go to "
+                            "the same engine (rendezvous hashing: every front agrees) unless "
+                            "it has more than 2x + 4 the outstanding requests of the least "
+                            "loaded; least-loaded; round-robin (default: %(default)s)")
+    group.add_argument("--routing-prefix-blocks", type=int, default=4, metavar="K",
+                       help="prefix routing hashes the prompt's first K blocks of 16 token ids "
+                            "(default: %(default)s)")
+    group.add_argument("--max-engine-retries", type=int, default=2, metavar="N",
+                       help="engines a request may move to when its engine fails (mid-stream: "
+                            "resubmitted with the tokens so far); past them UNAVAILABLE "
+                            "(default: %(default)s)")
+    group.add_argument("--engine-stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="a stream on an engine that reports NOT_SERVING moves to another "
+                            "engine once it gets nothing for this long (default: %(default)s)")
+    group.add_argument("--dns-refresh-interval", type=float, default=5.0, metavar="SECONDS",
+                       help="how often a dns:/// --engine name is resolved again "
+                            "(default: %(default)s)")
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +212,11 @@ def config_from_args(argv: list[str] | None = None) -> FrontendConfig:
         model_dir=args.model, engine_address=args.engine, host=args.host, port=args.port,
         http_port=args.http_port, metrics_port=args.metrics_port,
         max_concurrent=args.max_concurrent, default_max_new_tokens=args.default_max_new_tokens, grace_period_s=args.grace_period,
-        engine_poll_interval_s=args.engine_poll_interval,
+        engine_poll_interval_s=args.engine_poll_interval, routing=args.routing,
+        routing_prefix_blocks=args.routing_prefix_blocks,
+        max_engine_retries=args.max_engine_retries,
+        engine_stall_timeout_s=args.engine_stall_timeout,
+        dns_refresh_interval_s=args.dns_refresh_interval,
         max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, engine_tls_ca=args.engine_tls_ca,
         engine_tls_cert=args.engine_tls_cert, engine_tls_key=args.engine_tls_key,

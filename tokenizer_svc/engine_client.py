@@ -54,6 +54,7 @@ def request_to_proto(request: EngineRequest) -> engine_pb2.EngineGenerateRequest
         stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
         top_logprobs=request.top_logprobs, logit_bias=request.logit_bias,
         min_tokens=request.min_tokens, n=request.n,
+        num_generated_prompt_tokens=request.num_generated_prompt_tokens,
         response_format=response_format_to_proto(request.response_format))
 
 
@@ -136,18 +137,32 @@ class EngineClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def generate(self, request: EngineRequest,
-                       timeout_s: float | None = None) -> AsyncIterator[EngineChunk]:
-        """Stream the engine's chunks; closing this generator early cancels the engine call."""
-        call = self._stub.Generate(request_to_proto(request), timeout=timeout_s)
+    async def watch_health(self) -> AsyncIterator[bool]:
+        """grpc.health.v1 Watch of the whole server: True (SERVING) or False on every change;
+        grpc.aio.AioRpcError when the engine is unreachable or the stream breaks."""
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""))
         try:
-            async for message in call:
-                yield chunk_from_proto(message)
-        except grpc.aio.AioRpcError as error:
-            raise self._error(error) from None
+            async for reply in call:
+                yield reply.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             if not call.done():
                 call.cancel()
+
+    def open_stream(self, request: EngineRequest,
+                    timeout_s: float | None = None) -> EngineStream:
+        """Start a Generate call; iterate the returned stream for its chunks."""
+        return EngineStream(self, self._stub.Generate(request_to_proto(request),
+                                                      timeout=timeout_s))
+
+    async def generate(self, request: EngineRequest,
+                       timeout_s: float | None = None) -> AsyncIterator[EngineChunk]:
+        """Stream the engine's chunks; closing this generator early cancels the engine call."""
+        stream = self.open_stream(request, timeout_s)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            stream.cancel()
 
     async def check_response_format(self, spec: ResponseFormatSpec,
                                     timeout_s: float = 30.0) -> None:
@@ -177,3 +192,26 @@ class EngineClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class EngineStream:
+    """One open Generate call: its chunks, and cancel() from any task of the loop (a reader
+    then gets asyncio.CancelledError, with `cancelled_by_us` telling it apart)."""
+
+    def __init__(self, client: EngineClient, call: grpc.aio.UnaryStreamCall) -> None:
+        self._client = client
+        self._call = call
+        self.cancelled_by_us = False
+
+    async def __aiter__(self) -> AsyncIterator[EngineChunk]:
+        try:
+            async for message in self._call:
+                yield chunk_from_proto(message)
+        except grpc.aio.AioRpcError as error:
+            raise self._client._error(error) from None  # noqa: SLF001
+
+    def cancel(self) -> None:
+        """End the call (the engine aborts the request and frees its KV)."""
+        if not self._call.done():
+            self.cancelled_by_us = True
+            self._call.cancel()

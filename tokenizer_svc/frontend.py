@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -27,10 +29,12 @@ THREAD_TOKENIZE_CHARS = 8192  # longer prompts are tokenized in a worker thread
 # The client's deadline fires first (ours starts when its request arrives, a transit later), and
 # its cancel reaches us slightly before our own deadline: count such a cancel as a deadline.
 DEADLINE_SLACK_S = 0.1
+ENGINE_ID_PUBLIC_CHARS = 64   # of the client's request_id kept in the engine's (for logs)
 
 
 class EngineState:
-    """What is known about the engine right now (kept up to date by app.EngineMonitor)."""
+    """What is known about the engines right now (kept up to date by engine_pool.EnginePool):
+    the model limits they agree on."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -45,7 +49,7 @@ class EngineState:
 
 
 class FrontendCore:
-    """One tokenizer, one engine: generate, tokenize, detokenize and model info for any edge."""
+    """One tokenizer, the engines: generate, tokenize, detokenize and model info for any edge."""
 
     def __init__(self, config: FrontendConfig, tokenizer: ModelTokenizer, source: TokenSource,
                  engine: EngineState, metrics: FrontendMetrics) -> None:
@@ -54,7 +58,11 @@ class FrontendCore:
         self.metrics = metrics
         self._source = source
         self._engine = engine
-        self._inflight: set[str] = set()
+        self._inflight = 0
+        # engine request ids: unique per front (a random tag) and per request (a counter), so
+        # two clients with the same request_id never meet in an engine
+        self._engine_id_tag = secrets.token_hex(4)
+        self._engine_ids = itertools.count(1)
 
     # ---- generate ------------------------------------------------------------------------------
     async def generate(self, request: TextRequest, protocol: str,
@@ -71,7 +79,7 @@ class FrontendCore:
         except ServiceError as error:
             self.metrics.requests_total.labels(error.code.name.lower(), protocol).inc()
             raise
-        self._inflight.add(request.request_id)
+        self._inflight += 1
         inflight = self.metrics.inflight_requests.labels(protocol)
         inflight.inc()
         code = grpc.StatusCode.OK
@@ -94,7 +102,7 @@ class FrontendCore:
                     else grpc.StatusCode.CANCELLED)
             raise
         finally:
-            self._inflight.discard(request.request_id)
+            self._inflight -= 1
             inflight.dec()
             self.metrics.requests_total.labels(code.name.lower(), protocol).inc()
             self.metrics.request_latency_seconds.labels(protocol).observe(
@@ -105,10 +113,7 @@ class FrontendCore:
             validate_request_id(request_id)
         except ValueError as error:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        if request_id in self._inflight:
-            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request_id {request_id!r} is already in flight")
-        if len(self._inflight) >= self.config.max_concurrent:
+        if self._inflight >= self.config.max_concurrent:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"too many concurrent requests: limit is "
                                f"{self.config.max_concurrent} (--max-concurrent)")
@@ -167,11 +172,17 @@ class FrontendCore:
         if request.response_format is not None:  # the engine compiles it: ValueError if bad
             await self._source.check_response_format(request.response_format)
         return EngineRequest(
-            request_id=request.request_id, prompt_token_ids=prompt_ids,
+            request_id=self._engine_request_id(request.request_id), prompt_token_ids=prompt_ids,
             sampling=request.sampling, max_new_tokens=max_new_tokens,
             stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
             top_logprobs=request.top_logprobs, logit_bias=dict(request.logit_bias),
             min_tokens=request.min_tokens, response_format=request.response_format, n=request.n)
+
+    def _engine_request_id(self, public_id: str) -> str:
+        """The id the engines see: the client's (cut short) + @ + this front's tag and a
+        counter. Clients may reuse ids at will; the public id is still echoed to them."""
+        serial = next(self._engine_ids)
+        return f"{public_id[:ENGINE_ID_PUBLIC_CHARS]}@{self._engine_id_tag}{serial:x}"
 
     # ---- tokenizer and model info --------------------------------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool | None, protocol: str

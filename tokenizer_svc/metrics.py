@@ -1,6 +1,8 @@
 """Prometheus metrics of the tokenizer service (own registry; names are the DESIGN.md contract).
 
-Every series carries `protocol` ("grpc" or "http"): which edge the request came in through.
+Every request series carries `protocol` ("grpc" or "http"): which edge the request came in
+through. The engine pool's series carry `engine` (the engine's address) instead, and routing
+decisions their `reason` (router.REASONS).
 """
 from __future__ import annotations
 
@@ -39,11 +41,51 @@ class FrontendMetrics:
         self.inflight_requests = Gauge(
             "llmserve_frontend_inflight_requests", "Generate streams in progress",
             ["protocol"], registry=self.registry)
+        self._add_engine_pool_metrics()
         for protocol in PROTOCOLS:  # every protocol's series exists from the start (at 0)
             for family in (self.request_latency_seconds, self.time_to_first_token_seconds,
                            self.tokenize_seconds, self.inflight_requests):
                 family.labels(protocol)
         self._http_server: WSGIServer | None = None
+
+    def _add_engine_pool_metrics(self) -> None:
+        self.engine_requests_total = Counter(
+            "llmserve_frontend_engine_requests",
+            "Generate calls sent to each engine (a failover's resubmission counts again)",
+            ["engine"], registry=self.registry)
+        self.engine_inflight_requests = Gauge(
+            "llmserve_frontend_engine_inflight_requests",
+            "Generate calls open on each engine (the router's outstanding load)",
+            ["engine"], registry=self.registry)
+        self.engine_errors_total = Counter(
+            "llmserve_frontend_engine_errors",
+            "Generate calls to each engine that failed, by gRPC status name (cancelled: the "
+            "front gave up on a stalled engine)", ["engine", "code"], registry=self.registry)
+        self.engine_serving = Gauge(
+            "llmserve_frontend_engine_serving",
+            "1 while the engine is SERVING, answers and serves the agreed model; else 0",
+            ["engine"], registry=self.registry)
+        self.failovers_total = Counter(
+            "llmserve_frontend_failovers",
+            "Streams moved off an engine that failed mid-request (resubmitted elsewhere with "
+            "the tokens so far)", ["engine"], registry=self.registry)
+        self.routing_decisions_total = Counter(
+            "llmserve_frontend_routing_decisions",
+            "Engine choices by reason: prefix (rendezvous top choice), prefix_overflow (a "
+            "lower-ranked engine: the top one was over the load bound), least_loaded, "
+            "round_robin", ["reason"], registry=self.registry)
+
+    def forget_engine(self, engine: str) -> None:
+        """Drop an engine's series (it left the DNS answer)."""
+        for family in (self.engine_requests_total, self.engine_inflight_requests,
+                       self.engine_serving, self.failovers_total):
+            try:
+                family.remove(engine)
+            except KeyError:
+                pass
+        errors = self.engine_errors_total
+        for labels in [k for k in errors._metrics if k[0] == engine]:  # noqa: SLF001
+            errors.remove(*labels)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics on host:port in a daemon thread; return the bound port."""

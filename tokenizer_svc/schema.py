@@ -109,6 +109,7 @@ class EngineRequest:
     min_tokens: int = 0
     response_format: ResponseFormatSpec | None = None
     n: int = 1  # samples of the prompt: one prefill in the engine, chunks carry their index
+    num_generated_prompt_tokens: int = 0  # resumed after failover: the prompt's generated tail
 
 
 @dataclass(slots=True)

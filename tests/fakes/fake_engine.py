@@ -39,6 +39,12 @@ class FakeEngineRecord:
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     compiled_formats: list[generate_pb2.ResponseFormat] = field(default_factory=list)
+    engine_ids: list[str] = field(default_factory=list)  # request ids as sent (unique per call)
+
+
+def public_id(engine_id: str) -> str:
+    """The client's request_id inside an engine request id (tokenizer_svc adds '@' + a tag)."""
+    return engine_id.rpartition("@")[0] if "@" in engine_id else engine_id
 
 
 class FakeEngine(engine_pb2_grpc.EngineServicer):
@@ -48,8 +54,9 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
     def __init__(self, script: Callable[[engine_pb2.EngineGenerateRequest],
                                         ScriptedReply | list[ScriptedReply]],
                  max_model_len: int = 512, vocab_size: int = 49152,
-                 eos_token_ids: tuple[int, ...] = (2,)) -> None:
+                 eos_token_ids: tuple[int, ...] = (2,), model: str = "fake-model") -> None:
         self.script = script
+        self.model = model
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
@@ -58,6 +65,9 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         self._abort_events: dict[tuple[str, int], asyncio.Event] = {}   # (id, sample index)
 
     async def Generate(self, request, context):
+        # the record and scripts see the client's id; engine_ids keeps what the front sent
+        self.record.engine_ids.append(request.request_id)
+        request.request_id = public_id(request.request_id)
         self.record.requests.append(request)
         samples = request.n or 1
         replies = self.script(request)   # one reply for every sample, or a list (one each)
@@ -126,6 +136,7 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
 
     async def Abort(self, request, context):
         index = request.index if request.HasField("index") else None
+        request.request_id = public_id(request.request_id)
         self.record.abort_calls.append(request.request_id)
         self.record.aborted_samples.append((request.request_id, index))
         events = [event for (request_id, i), event in self._abort_events.items()
@@ -142,7 +153,7 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
 
     async def GetInfo(self, request, context):
         return engine_pb2.EngineInfo(
-            model="fake-model", dtype="float32", device="cpu", backend="torch",
+            model=self.model, dtype="float32", device="cpu", backend="torch",
             max_model_len=self.max_model_len, kv_pool_capacity_tokens=4096,
             vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids)
 
@@ -175,6 +186,7 @@ class FakeEngineServer:
         self.engine = engine
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None   # set_serving() flips it
 
     @property
     def address(self) -> str:
@@ -188,8 +200,13 @@ class FakeEngineServer:
         self.port = server.add_insecure_port(f"127.0.0.1:{self.port if port is None else port}")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
+        self._server, self.health = server, health_servicer
         return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        assert self.health is not None
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING if serving
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -142,7 +142,7 @@ async def _status(http, url: str, expected: int) -> bool:
     return (await http.get(url)).status_code == expected
 
 
-def test_body_too_large_is_413_and_duplicate_request_id_is_409() -> None:
+def test_body_too_large_is_413_and_a_duplicate_request_id_is_a_separate_request() -> None:
     async def body() -> None:
         script = lambda request: ScriptedReply(  # noqa: E731
             reply_ids(), delay_s=0.05 if request.request_id == "dup" else 0.0)
@@ -155,10 +155,14 @@ def test_body_too_large_is_413_and_duplicate_request_id_is_409() -> None:
             stream = await api.completions.create(model=MODEL, prompt="x", stream=True,
                                                   extra_headers={"x-request-id": "dup"})
             await anext(aiter(stream))
-            with pytest.raises(openai.ConflictError):
-                await api.completions.create(model=MODEL, prompt="x",
-                                             extra_headers={"x-request-id": "dup"})
+            # another client picking the same id neither collides nor learns of the first one
+            second = await api.completions.with_raw_response.create(
+                model=MODEL, prompt="x", extra_headers={"x-request-id": "dup"})
+            assert second.headers["x-request-id"] == "dup"
+            assert second.parse().choices[0].text == REPLY_TEXT
             await stream.close()
+            sent = s.engine.record.engine_ids
+            assert len(sent) == 2 and len(set(sent)) == 2   # unique ids in the engine
             await still_serving(s)
     asyncio.run(body())
 

@@ -170,7 +170,7 @@ def test_invalid_requests_are_rejected_with_field_and_limit() -> None:
     asyncio.run(body())
 
 
-def test_duplicate_request_id_and_engine_errors() -> None:
+def test_duplicate_request_ids_are_separate_requests_and_engine_errors() -> None:
     def script(request) -> ScriptedReply:
         if request.request_id == "full":
             return ScriptedReply([], error=grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -181,11 +181,16 @@ def test_duplicate_request_id_and_engine_errors() -> None:
         async with running_stack(script) as s:
             first = s.stub.Generate(generate_pb2.GenerateRequest(request_id="dup", prompt="a"))
             await first.read()  # in flight now
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                await s.generate(generate_pb2.GenerateRequest(request_id="dup", prompt="b"))
-            assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            assert "dup" in error.value.details()
-            first.cancel()
+            # a second client with the same id: its own request, the id echoed, no collision
+            second = await s.generate(generate_pb2.GenerateRequest(request_id="dup", prompt="b"))
+            assert text_of(second) == REPLY_TEXT and {m.request_id for m in second} == {"dup"}
+            rest = []
+            while (message := await first.read()) is not grpc.aio.EOF:
+                rest.append(message)
+            assert REPLY_TEXT.endswith(text_of(rest)) and rest[-1].request_id == "dup"
+            engine_ids = s.engine.record.engine_ids
+            assert len(engine_ids) == 2 and len(set(engine_ids)) == 2
+            assert all(i.startswith("dup@") for i in engine_ids)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await s.generate(generate_pb2.GenerateRequest(request_id="full", prompt="c"))
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -201,20 +201,28 @@ def _start_long_stream(channel: grpc.Channel, rpc: str, request_id: str):
     return call_
 
 
-@pytest.mark.parametrize("service", ["tokenizer", "engine"])
-def test_duplicate_request_id_in_flight_is_already_exists(stack, service: str) -> None:
-    target = getattr(stack, service)
-    with target.channel() as channel:
-        first = _start_long_stream(channel, "engine" if service == "engine" else "text",
-                                   f"dup-{service}")
-        if service == "engine":
-            second = collect(engine_stub(channel).Generate(
-                engine_request(request_id=f"dup-{service}"), timeout=30))
-        else:
-            second = collect(text_stub(channel).Generate(
-                text_request(request_id=f"dup-{service}"), timeout=30))
+def test_duplicate_request_id_in_flight_is_already_exists_at_the_engine(stack) -> None:
+    with stack.engine.channel() as channel:
+        first = _start_long_stream(channel, "engine", "dup-engine")
+        second = collect(engine_stub(channel).Generate(
+            engine_request(request_id="dup-engine"), timeout=30))
         assert second.code == grpc.StatusCode.ALREADY_EXISTS, second.details
-        assert f"dup-{service}" in second.details and "in flight" in second.details
+        assert "dup-engine" in second.details and "in flight" in second.details
+        assert next(first).token_ids  # the first request is undisturbed
+        first.cancel()
+    assert not any(wait_pool_idle(stack.engine).values())
+
+
+def test_clients_reusing_a_request_id_at_the_tokenizer_do_not_collide(stack) -> None:
+    """The front gives every request its own engine id: a second client with the same
+    request_id gets its own answer (the id echoed) and never learns of the first."""
+    with stack.tokenizer.channel() as channel:
+        alone = collect(text_stub(channel).Generate(text_request(request_id="solo"), timeout=30))
+        first = _start_long_stream(channel, "text", "dup-tokenizer")
+        second = collect(text_stub(channel).Generate(
+            text_request(request_id="dup-tokenizer"), timeout=30))
+        assert second.code == grpc.StatusCode.OK, second.details
+        assert second.token_ids == alone.token_ids
         assert next(first).token_ids  # the first request is undisturbed
         first.cancel()
     assert not any(wait_pool_idle(stack.engine).values())
