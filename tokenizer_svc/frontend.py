@@ -125,7 +125,7 @@ class FrontendCore:
 
         def open_stream(source: TokenSource) -> AsyncGenerator[OutputDelta, None]:
             return GenerationStream(engine_request, request.stop,
-                                    self.tokenizer.decode_stream_piece, source,
+                                    self.tokenizer.stream_decoder, source,
                                     self.config.abort_drain_timeout_s).run(timeout_s)
 
         first_token_seen = False

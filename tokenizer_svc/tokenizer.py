@@ -121,8 +121,15 @@ class ModelTokenizer:
         return self.encode(self.render_chat(turns), add_special_tokens=False)
 
     def decode_stream_piece(self, token_ids: Sequence[int]) -> str:
-        """Fast decode used by the incremental detokenizer (special tokens skipped, no cleanup)."""
+        """Fast decode of a window of ids (special tokens skipped, no cleanup): the reference
+        the streaming detokenizer's deltas are tested against."""
         return self._backend.decode(list(token_ids), skip_special_tokens=True)
+
+    @property
+    def stream_decoder(self) -> Tokenizer:
+        """What the streaming detokenizer decodes with: the Rust tokenizer itself, so its steps
+        run in `decoders.DecodeStream` (special tokens skipped there, as decode_stream_piece)."""
+        return self._backend
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Full decode as Hugging Face does it, incl. clean_up_tokenization_spaces if configured."""
