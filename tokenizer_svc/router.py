@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,8 +60,12 @@ def prefix_key(prompt_ids: Sequence[int], blocks: int,
     """Hash of the prompt's first `blocks` whole blocks (all of it when shorter than a block)."""
     whole = len(prompt_ids) - len(prompt_ids) % block_tokens
     count = min(blocks * block_tokens, whole) or len(prompt_ids)
-    data = b"".join(int(t).to_bytes(4, "little") for t in prompt_ids[:count])
-    return hashlib.blake2b(data, digest_size=16).digest()
+    ids = array("I", prompt_ids[:count])
+    if ids.itemsize == 4 and sys.byteorder == "little":
+        raw = ids.tobytes()
+    else:   # the same bytes on every front: 4-byte little-endian ids
+        raw = b"".join(int(t).to_bytes(4, "little") for t in ids)
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def rendezvous_rank(key: bytes, engines: Sequence[str]) -> list[str]:
