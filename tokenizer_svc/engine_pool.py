@@ -18,12 +18,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 
 from tokenizer_svc.config import FrontendConfig
 from tokenizer_svc.engine_client import EngineClient, EngineStream
+from tokenizer_svc.engine_endpoint import Endpoint, Lease, ModelIdentity
 from tokenizer_svc.engine_targets import EngineTargets, resolve
 from tokenizer_svc.failover import Flight
 from tokenizer_svc.frontend import EngineState
@@ -34,61 +34,6 @@ from tokenizer_svc.schema import (EngineChunk, EngineLimits, EngineRequest, Resp
 
 log = logging.getLogger("tokenizer_svc")
 START_INFO_TIMEOUT_S = 2.0
-
-
-@dataclass(slots=True, frozen=True)
-class ModelIdentity:
-    """What must agree between engines for one front to serve them all."""
-
-    model: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def of(cls, limits: EngineLimits) -> ModelIdentity:
-        return cls(limits.model, limits.vocab_size, tuple(sorted(limits.eos_token_ids)))
-
-    def __str__(self) -> str:
-        return f"model {self.model!r} (vocab {self.vocab_size}, eos {list(self.eos_token_ids)})"
-
-
-class Lease:
-    """One open Generate call on an endpoint: progress time, and lose() to move it off."""
-
-    __slots__ = ("stream", "last_progress", "lost")
-
-    def __init__(self, stream: EngineStream) -> None:
-        self.stream = stream
-        self.last_progress = time.monotonic()
-        self.lost: str | None = None
-
-    def lose(self, reason: str) -> None:
-        self.lost = reason
-        self.stream.cancel()
-
-
-class Endpoint:
-    """One engine: its client (channel), health, model info and this front's calls on it."""
-
-    def __init__(self, address: str, client: EngineClient) -> None:
-        self.address = address
-        self.client = client
-        self.healthy = False
-        self.limits: EngineLimits | None = None
-        self.mismatch: ModelIdentity | None = None   # serves another model: never used
-        self.removed = False
-        self.leases: set[Lease] = set()
-        self.watch_task: asyncio.Task[None] | None = None
-        self.stall_task: asyncio.Task[None] | None = None
-
-    @property
-    def usable(self) -> bool:
-        return (self.healthy and self.limits is not None and self.mismatch is None
-                and not self.removed)
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.leases)
 
 
 class EnginePool:
@@ -210,19 +155,22 @@ class EnginePool:
     async def _watch_loop(self, endpoint: Endpoint) -> None:
         delay = self.config.engine_poll_interval_s
         while not endpoint.removed:
+            lost = True
             try:
                 async for serving in endpoint.client.watch_health():
                     if serving and not await self._load_info(endpoint):
-                        break   # GetInfo failed: reconnect and ask again
+                        lost = False   # it answers, GetInfo did not (yet): ask again
+                        break
                     self._set_healthy(endpoint, serving, "SERVING" if serving else "NOT serving")
                     if serving:
                         delay = self.config.engine_poll_interval_s
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     log.error("engine at %s has no grpc.health.v1 Watch", endpoint.address)
-            self._set_healthy(endpoint, False, "unreachable")
-            for lease in list(endpoint.leases):   # gone: move its streams now
-                lease.lose("was lost")
+            self._set_healthy(endpoint, False, "unreachable" if lost else "not answering GetInfo")
+            if lost:
+                for lease in list(endpoint.leases):   # gone: move its streams now
+                    lease.lose("was lost")
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.config.engine_info_max_backoff_s, delay))
 
@@ -288,13 +236,16 @@ class EnginePool:
     def pick(self, prompt_ids: Sequence[int], excluded: set[str]) -> Endpoint | None:
         """The router's engine for this prompt among the usable ones not excluded; when none is
         usable, any engine not known to be bad (it answers with its own error); else None."""
-        pool = [e for e in self.endpoints.values() if e.address not in excluded]
-        candidates = [e for e in pool if e.usable] or [e for e in pool if e.mismatch is None]
+        candidates = self._candidates(excluded)
         if not candidates:
             return None
         decision = self.router.choose(prompt_ids, {e.address: e.outstanding for e in candidates})
         self.metrics.routing_decisions_total.labels(decision.reason).inc()
         return self.endpoints[decision.engine]
+
+    def _candidates(self, excluded: set[str]) -> list[Endpoint]:
+        pool = [e for e in self.endpoints.values() if e.address not in excluded]
+        return [e for e in pool if e.usable] or [e for e in pool if e.mismatch is None]
 
     @contextlib.contextmanager
     def lease(self, endpoint: Endpoint, stream: EngineStream):
@@ -339,7 +290,8 @@ class EnginePool:
         """Compile on a usable engine (another one if it is unreachable)."""
         excluded: set[str] = set()
         error: ServiceError | None = None
-        while (endpoint := self.pick([], excluded)) is not None:
+        while candidates := self._candidates(excluded):
+            endpoint = min(candidates, key=lambda e: e.outstanding)
             try:
                 return await endpoint.client.check_response_format(spec, timeout_s)
             except ServiceError as failure:
