@@ -127,7 +127,8 @@ class Flight:
             except EngineFailed as failure:
                 error = failure.error
                 excluded.add(endpoint.address)
-                self._note_failure(endpoint, error)
+                if not self._all_aborting(index):   # (an aborted one just ends, above)
+                    self._note_failure(endpoint, error)
             if index is None and self.request.n > 1 and self._started():
                 streams = [self._serve(i, set(excluded)) for i, sample in enumerate(self.samples)
                            if not sample.finished]
