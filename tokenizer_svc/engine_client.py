@@ -5,7 +5,6 @@ at 1 s here) when the engine comes back, and no call result is cached across fai
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -118,25 +117,6 @@ class EngineClient:
                             kv_pool_capacity_tokens=info.kv_pool_capacity_tokens,
                             backend=info.backend, device=info.device, dtype=info.dtype)
 
-    async def wait_for_info(self, max_backoff_s: float = 2.0) -> EngineLimits:
-        """GetInfo, retried with exponential backoff (0.1 s doubling to max_backoff_s) forever."""
-        delay = 0.1
-        while True:
-            try:
-                return await self.fetch_info()
-            except ServiceError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2.0, max_backoff_s)
-
-    async def is_serving(self, timeout_s: float = 0.5) -> bool:
-        """True when the engine's grpc.health.v1 reports SERVING for the whole server."""
-        try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
-                                             timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
     async def watch_health(self) -> AsyncIterator[bool]:
         """grpc.health.v1 Watch of the whole server: True (SERVING) or False on every change;
         grpc.aio.AioRpcError when the engine is unreachable or the stream breaks."""
@@ -196,12 +176,11 @@ class EngineClient:
 
 class EngineStream:
     """One open Generate call: its chunks, and cancel() from any task of the loop (a reader
-    then gets asyncio.CancelledError, with `cancelled_by_us` telling it apart)."""
+    then gets asyncio.CancelledError)."""
 
     def __init__(self, client: EngineClient, call: grpc.aio.UnaryStreamCall) -> None:
         self._client = client
         self._call = call
-        self.cancelled_by_us = False
 
     async def __aiter__(self) -> AsyncIterator[EngineChunk]:
         try:
@@ -213,5 +192,4 @@ class EngineStream:
     def cancel(self) -> None:
         """End the call (the engine aborts the request and frees its KV)."""
         if not self._call.done():
-            self.cancelled_by_us = True
             self._call.cancel()
