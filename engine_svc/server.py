@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine_svc.closing_health import ClosingHealthServicer
 from engine_svc.engine import DuplicateRequestError, LLMEngine, QueueFullError, RequestOutput
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.grammar import ResponseFormat
@@ -251,6 +252,7 @@ async def serve(engine: LLMEngine, *, host: str, port: int, metrics_port: int | 
         deadline = loop.time() + drain_timeout
         while servicer.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
+    health_servicer.close_watches()   # watchers saw NOT_SERVING; end their streams with OK
     await server.stop(grace=1.0)
     engine_loop.stop()
     if engine_loop.error is not None:
@@ -281,13 +283,13 @@ async def _watch_liveness(engine_loop: EngineLoop, health_servicer: health.aio.H
 
 
 def _build_server(servicer: EngineServicer, max_message_bytes: int
-                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                  ) -> tuple[grpc.aio.Server, ClosingHealthServicer]:
     """The gRPC server with Engine, health and reflection; SO_REUSEPORT off (one process/port)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes),
                                       ("grpc.so_reuseport", 0)])
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = ClosingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
