@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +116,22 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     log = open(log_path, "w")
     return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def engine_and_http_front(model_dir: Path, log_dir: Path) -> Iterator[tuple[Service, Service, str]]:
+    """A real engine + tokenizer service with the OpenAI HTTP API on a free port:
+    (engine, tokenizer, the API's base URL ending in /v1); both stopped on exit."""
+    engine = start_engine(model_dir, log_dir)
+    tokenizer = None
+    try:
+        engine.wait_serving()
+        http_port = free_port()
+        tokenizer = start_tokenizer(model_dir, engine.address, log_dir,
+                                    "--http-port", str(http_port))
+        tokenizer.wait_serving()
+        yield engine, tokenizer, f"http://127.0.0.1:{http_port}/v1"
+    finally:
+        if tokenizer is not None:
+            tokenizer.stop()
+        engine.stop()

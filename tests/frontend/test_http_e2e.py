@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
-from tests.e2e.services import free_port, metric_value, scrape, start_engine, start_tokenizer
+from tests.e2e.services import engine_and_http_front, metric_value, scrape
 
 pytestmark = pytest.mark.timeout(300)
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -20,20 +20,8 @@ LONG_PROMPT = ("The history of the printing press begins in the fifteenth centur
 
 @pytest.fixture(scope="module")
 def services(default_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("http-e2e")
-    engine = start_engine(default_model_dir, logs)
-    tokenizer = None
-    try:
-        engine.wait_serving()
-        http_port = free_port()
-        tokenizer = start_tokenizer(default_model_dir, engine.address, logs,
-                                    "--http-port", str(http_port))
-        tokenizer.wait_serving()
-        yield engine, tokenizer, f"http://127.0.0.1:{http_port}/v1"
-    finally:
-        if tokenizer is not None:
-            tokenizer.stop()
-        engine.stop()
+    with engine_and_http_front(default_model_dir, tmp_path_factory.mktemp("http-e2e")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
-from tests.e2e.services import free_port, start_engine, start_tokenizer
+from tests.e2e.services import engine_and_http_front
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.engine_generation_features]
 SHORT_ANSWER = [{"role": "user", "content": "Is the sky blue? Answer with one word."}]
@@ -19,21 +19,10 @@ SHORT_ANSWER = [{"role": "user", "content": "Is the sky blue? Answer with one wo
 
 @pytest.fixture(scope="module")
 def services(default_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logit-bias-e2e")
-    engine = start_engine(default_model_dir, logs)
-    tokenizer = None
-    try:
-        engine.wait_serving()
-        http_port = free_port()
-        tokenizer = start_tokenizer(default_model_dir, engine.address, logs,
-                                    "--http-port", str(http_port))
-        tokenizer.wait_serving()
-        yield tokenizer.address, openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1",
-                                               api_key="unused", max_retries=0, timeout=120)
-    finally:
-        if tokenizer is not None:
-            tokenizer.stop()
-        engine.stop()
+    with engine_and_http_front(default_model_dir, tmp_path_factory.mktemp("logit-bias-e2e")) as (
+            _, tokenizer, base_url):
+        yield tokenizer.address, openai.OpenAI(base_url=base_url, api_key="unused",
+                                               max_retries=0, timeout=120)
 
 
 def grpc_ids(address: str, request: generate_pb2.GenerateRequest) -> tuple[list[int], object]:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from llmserve.v1 import generate_pb2, generate_pb2_grpc
-from tests.e2e.services import free_port, metric_value, scrape, start_engine, start_tokenizer
+from tests.e2e.services import engine_and_http_front, metric_value, scrape
 
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.timeout(300)
@@ -28,20 +28,8 @@ BAD_FORMATS = [  # (format, parser words): compiled by the engine, refused by th
 
 @pytest.fixture(scope="module")
 def services(default_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("structured-e2e")
-    engine = start_engine(default_model_dir, logs)
-    tokenizer = None
-    try:
-        engine.wait_serving()
-        http_port = free_port()
-        tokenizer = start_tokenizer(default_model_dir, engine.address, logs,
-                                    "--http-port", str(http_port))
-        tokenizer.wait_serving()
-        yield engine, tokenizer, f"http://127.0.0.1:{http_port}/v1"
-    finally:
-        if tokenizer is not None:
-            tokenizer.stop()
-        engine.stop()
+    with engine_and_http_front(default_model_dir, tmp_path_factory.mktemp("structured-e2e")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
