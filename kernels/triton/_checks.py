@@ -85,3 +85,21 @@ def check_kv_pool(k_cache: Tensor, v_cache: Tensor) -> None:
     check_unit_last_stride("k_cache", k_cache)
     check_unit_last_stride("v_cache", v_cache)
     check_head_dim(k_cache.shape[2])
+
+
+def check_queries_over_pool(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            req_to_token: Tensor) -> None:
+    """q [tokens, q_heads, d] read against the K/V pool through the request->token table."""
+    check_kv_pool(k_cache, v_cache)
+    check_rank("q", q, 3)
+    check_unit_last_stride("q", q)
+    if q.dtype != k_cache.dtype or q.shape[2] != k_cache.shape[2]:
+        raise ValueError(
+            f"q must share dtype and head_dim with the pool ({k_cache.dtype}, {k_cache.shape[2]}), "
+            f"got {q.dtype}, {q.shape[2]}"
+        )
+    check_gqa(q.shape[1], k_cache.shape[1])
+    if req_to_token.dtype != torch.int32 or req_to_token.dim() != 2:
+        raise ValueError(f"req_to_token must be 2-D int32, got {req_to_token.dtype} "
+                         f"{tuple(req_to_token.shape)}")
+    check_unit_last_stride("req_to_token", req_to_token)

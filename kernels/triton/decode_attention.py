@@ -114,18 +114,7 @@ def _pick_block_n(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor, slots: Tensor,
            seq_lens: Tensor) -> None:
-    _checks.check_kv_pool(k_cache, v_cache)
-    _checks.check_rank("q", q, 3)
-    _checks.check_unit_last_stride("q", q)
-    if q.dtype != k_cache.dtype or q.shape[2] != k_cache.shape[2]:
-        raise ValueError(
-            f"q must share dtype and head_dim with the pool ({k_cache.dtype}, {k_cache.shape[2]}), "
-            f"got {q.dtype}, {q.shape[2]}"
-        )
-    _checks.check_gqa(q.shape[1], k_cache.shape[1])
-    if req_to_token.dtype != torch.int32 or req_to_token.dim() != 2:
-        raise ValueError(f"req_to_token must be 2-D int32, got {req_to_token.dtype} {tuple(req_to_token.shape)}")
-    _checks.check_unit_last_stride("req_to_token", req_to_token)
+    _checks.check_queries_over_pool(q, k_cache, v_cache, req_to_token)
     for name, index in (("slots", slots), ("seq_lens", seq_lens)):
         _checks.check_index(name, index)
         _checks.check_contiguous(name, index)
