@@ -46,7 +46,7 @@ def test_services_and_profiles(compose_config):
         assert found[name].get("profiles") == profiles, name
 
 
-def test_only_the_public_api_port_is_published_on_all_interfaces(compose_config):
+def test_only_the_public_api_ports_are_published_on_all_interfaces(compose_config):
     public = {}
     for name, service in services(compose_config).items():
         for port in map(parse_port, service.get("ports", [])):
@@ -56,7 +56,7 @@ def test_only_the_public_api_port_is_published_on_all_interfaces(compose_config)
                 assert port.host_ip == "127.0.0.1", (name, port)
     assert set(public) == set(TOKENIZERS)
     for ports in public.values():
-        assert [(p.published, p.target) for p in ports] == [(50051, 50051)]
+        assert [(p.published, p.target) for p in ports] == [(50051, 50051), (8000, 8000)]
     for name in ENGINES + ("model",):
         assert not services(compose_config)[name].get("ports"), f"{name} must not publish ports"
     loopback = {name: [parse_port(p).target for p in services(compose_config)[name]["ports"]]
