@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import reference
+from kernels.quant import QuantizedWeight, has_quantized, quantized_linear
 from kernels.cpu import layer_loop as cpu_layer_loop
 from kernels.cpu import linear as cpu_linear
 from kernels.cpu import ops as cpu_ops
@@ -38,7 +39,8 @@ class KernelOps:
     decode_attention: Callable
     # model-level extras: the CPU backend's fast path, plain torch elsewhere
     prepare_weights: Callable     # (ModelWeights) -> ModelWeights, projections packed once
-    linear_for: Callable[[Tensor], LinearFn]   # the product for weights packed like this one
+    # (ModelWeights as prepare_weights left them) -> the product for every projection of them
+    model_linear: Callable[[ModelWeightsView], LinearFn]
     # (config, weights, cos_sin, scale) -> every layer in one call, or None (Python loop)
     layer_loop: Callable[[ModelConfigView, ModelWeightsView, Tensor, float], LayerLoop | None]
     argmax_rows: Callable[[Tensor], Tensor]   # [rows, cols] float32 -> [rows] int64
@@ -64,9 +66,16 @@ def _unchanged(weights: ModelWeightsView) -> ModelWeightsView:
     return weights
 
 
-def _plain_linear(weight: Tensor) -> LinearFn:
-    """Triton: every projection is F.linear (cuBLAS)."""
-    return F.linear
+def _any_linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """Triton: F.linear (cuBLAS) for a plain weight, the quantized product for a quantized one."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _model_linear(weights: ModelWeightsView) -> LinearFn:
+    """Triton: F.linear for plain projections; with any quantized one, a product taking both."""
+    return _any_linear if has_quantized(weights) else F.linear
 
 
 def _no_layer_loop(config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
@@ -89,7 +98,7 @@ def get_ops(backend: str) -> KernelOps:
             prefill_attention=cpu_ops.prefill_attention,
             decode_attention=cpu_ops.decode_attention,
             prepare_weights=cpu_linear.prepare_weights,
-            linear_for=cpu_linear.linear_for,
+            model_linear=cpu_linear.model_linear,
             layer_loop=cpu_layer_loop.NativeLayerLoop.create,
             argmax_rows=cpu_ops.argmax_rows,
         )
@@ -112,7 +121,7 @@ def get_ops(backend: str) -> KernelOps:
             prefill_attention=prefill_attention,
             decode_attention=decode_attention,
             prepare_weights=_unchanged,
-            linear_for=_plain_linear,
+            model_linear=_model_linear,
             layer_loop=_no_layer_loop,
             argmax_rows=reference.argmax_rows,
         )

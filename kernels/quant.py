@@ -151,6 +151,13 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> T
     return w.reshape(out_features, in_features).to(dtype)
 
 
+def has_quantized(weights) -> bool:
+    """True when any projection of a ModelWeights-like object (layers, lm_head) is quantized."""
+    projections = [weights.lm_head] + [w for layer in weights.layers for w in (
+        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    return any(isinstance(w, QuantizedWeight) for w in projections)
+
+
 def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """x [rows, in] @ dequantize(weight)^T (+ bias [out]) -> [rows, out] in x's dtype: the
     weight-only (W8A16 / W4A16) oracle, products in float32."""

@@ -23,8 +23,8 @@ class LlamaModel:
         self.config = config
         # projections packed once where the backend has a faster product for them (bf16 on CPU)
         self.weights = ops.prepare_weights(weights)
-        # F.linear, or the product for how prepare_weights packed every projection
-        self.linear = ops.linear_for(self.weights.lm_head)
+        # F.linear, or the product for how prepare_weights packed (or quantized) the projections
+        self.linear = ops.model_linear(self.weights)
         self.ops = ops
         device = weights.embed_tokens.device
         # cos_sin: [max_positions, head_dim] float32

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from kernels.cpu import gemm_choice, native
 from kernels.model_view import LinearFn, ModelWeightsView
+from kernels.quant import QuantizedWeight, has_quantized, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,19 @@ def linear_for(weight: Tensor) -> LinearFn:
     return packed_linear if weight.is_mkldnn else F.linear
 
 
+def _any_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+    """A quantized weight through the torch oracle, any other through `linear_for` (the C
+    quantized kernels replace the oracle)."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
+    return linear_for(weight)(x, weight, bias)
+
+
+def model_linear(weights: ModelWeightsView) -> LinearFn:
+    """The product for every projection of `weights` as prepare_weights left them."""
+    return _any_linear if has_quantized(weights) else linear_for(weights.lm_head)
+
+
 def _pack_for(weights: ModelWeightsView) -> Callable[[Tensor], Tensor] | None:
     """For the C kernel when every projection fits it, else for oneDNN where torch has it,
     else None (projections stay plain)."""
@@ -231,7 +245,7 @@ def prepare_weights(weights: WeightsT) -> WeightsT:
     (fp32, not on CPU, or a torch without oneDNN) come back unchanged; `linear_for` then gives
     the product that fits. With the C kernel and LLMSERVE_CPU_GEMM=auto, the shapes where
     oneDNN measured faster at some row bucket get oneDNN twins (`chosen_linear`)."""
-    pack = _pack_for(weights)
+    pack = None if has_quantized(weights) else _pack_for(weights)
     if pack is None:
         return weights
     layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
