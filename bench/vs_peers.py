@@ -4,13 +4,16 @@ The peer is built once from the llama-cpp-python sdist (bench/peers/build_llama_
 under ~/.cache/llmserve/peers/) with BF16 and Q8_0 GGUFs requantized from the shipped Q4_1.
 For each concurrency (one run each, fresh prompts per level, the same ones for every side):
   llmserve   engine_svc + tokenizer_svc, gRPC Generate (text prompts that tokenize to the ids),
-             greedy, ignore_eos, max_new_tokens
+             greedy, ignore_eos, max_new_tokens; one service per --variants entry: bf16, or
+             --quantization int8 / int4 / gguf (the shipped GGUF's own Q4_1 and Q8_0 tensors)
   llama.cpp  llama-server -np <concurrency> -t <threads>, /completion with the token ids,
              temperature 0, ignore_eos, n_predict, cache_prompt off; one server per level
-Prints output tok/s and TTFT p50 per side and llmserve / llama.cpp ratios; --json saves them
-with the command, the CPU model and the versions.
+Prints output tok/s and TTFT p50 per side, each llmserve variant / each llama.cpp GGUF, / the
+best llama.cpp GGUF at that concurrency, and / llmserve bf16; --json saves them with the
+command, the CPU model and the versions.
 
-    python bench/vs_peers.py --num-prompts 16 --output-len 64 --json bench/results/vs_peers_cpu.json
+    python bench/vs_peers.py --num-prompts 16 --output-len 64 --variants bf16 int4 \
+        --json bench/results/vs_peers_cpu.json
 """
 from __future__ import annotations
 
@@ -34,6 +37,17 @@ from bench.serve_report import summarize_run  # noqa: E402
 
 DEFAULT_MODEL = "models/smollm2-135m-instruct"
 LLMSERVE = "llmserve"
+BASELINE = "bf16"
+# llmserve variant -> its engine arguments (beside --engine-arg)
+VARIANTS = {"bf16": ["--dtype=bfloat16"],
+            "int8": ["--dtype=bfloat16", "--quantization=int8"],
+            "int4": ["--dtype=bfloat16", "--quantization=int4"],
+            "gguf": ["--dtype=bfloat16", "--quantization=gguf"]}
+
+
+def side_name(variant: str) -> str:
+    """The results key of one llmserve variant."""
+    return f"{LLMSERVE} {variant}"
 
 
 def make_levels(model_dir: Path, levels: list[int], count: int, input_len: int,
@@ -61,10 +75,12 @@ def summarize(records, duration: float, level: int, load: OtherLoad) -> dict:
     return summary
 
 
-def run_llmserve(args: argparse.Namespace, prompts, log_dir: Path) -> dict[int, dict]:
+def run_llmserve(args: argparse.Namespace, variant: str, prompts,
+                 log_dir: Path) -> dict[int, dict]:
     """Every level through one llmserve (engine + tokenizer services), warm-up first."""
     results = {}
-    with Services(args.model, args.engine_arg, args.threads, log_dir) as services:
+    engine_args = VARIANTS[variant] + args.engine_arg
+    with Services(args.model, engine_args, args.threads, log_dir) as services:
         for level, pairs in prompts.items():
             batch = [Prompt(text, len(ids)) for text, ids in pairs]
             spec = LoadSpec(concurrency=max(level, 1), output_len=args.output_len)
@@ -73,7 +89,8 @@ def run_llmserve(args: argparse.Namespace, prompts, log_dir: Path) -> dict[int, 
                                                          progress=False))
             if level:
                 results[level] = summarize(records, duration, level, load)
-                print_line(LLMSERVE, results[level])
+                results[level]["engine_args"] = engine_args
+                print_line(side_name(variant), results[level])
     return results
 
 
@@ -106,23 +123,41 @@ def print_line(side: str, summary: dict) -> None:
           f", others busy {summary['others_cores']:.2f} cores", flush=True)
 
 
-def ratio_table(results: dict[str, dict[int, dict]], quants: list[str],
+def _ratio(ours: float, theirs: float) -> float | None:
+    return ours / theirs if ours and theirs else None
+
+
+def ratio_table(results: dict[str, dict[int, dict]], variants: list[str], quants: list[str],
                 levels: list[int]) -> tuple[list[str], dict]:
-    """Lines of the tok/s table and {level: {quant: llmserve / llama.cpp}} (ratios only with
-    llmserve's results; None where a side has no completed run at that level)."""
+    """Lines of the tok/s table and {level: {variant: {quant | "best" | "bf16": ratio}}}: each
+    llmserve variant over each llama.cpp GGUF, over the best of them at that level and over
+    llmserve bf16 (None where a side has no completed run at that level)."""
     peers = [q for q in quants if q in results]
-    sides = ([LLMSERVE] if LLMSERVE in results else []) + peers
-    with_ratios = LLMSERVE in results
-    head = f"{'concurrency':>11}" + "".join(f"{s + ' tok/s':>16}" for s in sides) + "".join(
-        f"{'x ' + q:>10}" for q in peers if with_ratios)
-    lines, ratios = [head], {}
+    ours = [v for v in variants if side_name(v) in results]
+    sides = [side_name(v) for v in ours] + peers
+    head = f"{'concurrency':>11}" + "".join(f"{s + ' tok/s':>{max(16, len(s) + 7)}}"
+                                            for s in sides)
+    ratio_heads = [f"{v} x best" for v in ours if peers] + [
+        f"{v} x bf16" for v in ours if v != BASELINE and BASELINE in ours]
+    lines, ratios = [head + "".join(f"{h:>16}" for h in ratio_heads)], {}
     for level in levels:
         tok_s = {s: results[s].get(level, {}).get("output_throughput", 0.0) for s in sides}
-        ours = tok_s.get(LLMSERVE, 0.0)
-        ratios[level] = {q: (ours / tok_s[q] if ours and tok_s[q] else None)
-                         for q in peers} if with_ratios else {}
-        lines.append(f"{level:>11}" + "".join(f"{tok_s[s]:>16.1f}" for s in sides) + "".join(
-            f"{r:>9.2f}x" if r is not None else f"{'-':>10}" for r in ratios[level].values()))
+        best = max((tok_s[q] for q in peers), default=0.0)
+        baseline = tok_s.get(side_name(BASELINE), 0.0)
+        ratios[level] = {}
+        for variant in ours:
+            mine = tok_s[side_name(variant)]
+            entry = {q: _ratio(mine, tok_s[q]) for q in peers}
+            if peers:
+                entry["best"] = _ratio(mine, best)
+            if variant != BASELINE and BASELINE in ours:
+                entry[BASELINE] = _ratio(mine, baseline)
+            ratios[level][variant] = entry
+        cells = [ratios[level][v]["best"] for v in ours if peers] + [
+            ratios[level][v][BASELINE] for v in ours if v != BASELINE and BASELINE in ours]
+        lines.append(f"{level:>11}" + "".join(
+            f"{tok_s[s]:>{max(16, len(s) + 7)}.1f}" for s in sides) + "".join(
+            f"{r:>15.2f}x" if r is not None else f"{'-':>16}" for r in cells))
     return lines, ratios
 
 
@@ -142,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra engine_svc argument (repeatable), e.g. "
                         "--engine-arg=--dtype=bfloat16")
+    p.add_argument("--variants", nargs="+", default=[BASELINE], choices=list(VARIANTS),
+                   help="llmserve weights to run, one service each (default bf16): bf16, "
+                        "int8 / int4 (quantized at load), gguf (the GGUF's own tensors)")
     p.add_argument("--no-llmserve", action="store_true", help="run only the peer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
@@ -160,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="vs_peers-") as scratch:
         log_dir = Path(scratch)
-        if not args.no_llmserve:
-            results[LLMSERVE] = run_llmserve(args, prompts, log_dir)
+        for variant in [] if args.no_llmserve else args.variants:
+            results[side_name(variant)] = run_llmserve(args, variant, prompts, log_dir)
         for quant in args.quants:
             results[quant] = run_llama(args, build, quant, prompts, log_dir)
-    lines, ratios = ratio_table(results, args.quants, args.concurrency)
+    lines, ratios = ratio_table(results, args.variants, args.quants, args.concurrency)
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "llama_cpp": {"llama_cpp_python_sdist": build.version,
                           "server_version": server_version(Path(build.server)),
                           "cmake_flags": build.cmake_flags},
-            "results": results, "ratios_llmserve_over_llama_cpp": ratios, "table": lines}
+            "results": results, "ratios_llmserve_over_llama_cpp_and_bf16": ratios, "table": lines}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -11,7 +11,7 @@ import pytest
 
 from bench.peers import build_llama_cpp
 from bench.peers.llama_server import run_completions
-from bench.vs_peers import LLMSERVE, ratio_table
+from bench.vs_peers import LLMSERVE, ratio_table, side_name
 
 
 def test_build_flags_are_explicit_never_native_and_follow_the_cpu() -> None:
@@ -70,16 +70,25 @@ def test_completions_are_greedy_ignore_eos_uncached_and_timed() -> None:
     assert sorted(b["prompt"] for b in _FakeLlamaServer.bodies) == sorted(prompts)
 
 
-def test_ratio_table_divides_llmserve_by_each_quantization() -> None:
+def test_ratio_table_divides_each_variant_by_each_quantization_the_best_and_bf16() -> None:
     def run(tok_s: float) -> dict:
         return {"output_throughput": tok_s}
 
-    results = {LLMSERVE: {1: run(60.0), 8: run(200.0)},
+    results = {side_name("bf16"): {1: run(60.0), 8: run(200.0)},
+               side_name("int4"): {1: run(90.0), 8: run(180.0)},
                "Q4_1": {1: run(30.0), 8: run(100.0)}, "BF16": {1: run(120.0)}}
-    lines, ratios = ratio_table(results, ["Q4_1", "Q8_0", "BF16"], [1, 8])
-    assert ratios[1] == {"Q4_1": pytest.approx(2.0), "BF16": pytest.approx(0.5)}
-    assert ratios[8] == {"Q4_1": pytest.approx(2.0), "BF16": None}
-    assert "Q8_0" not in lines[0] and "2.00x" in lines[1] and "-" in lines[2]
-    del results[LLMSERVE]   # --no-llmserve: the peer's numbers, no ratios
-    lines, ratios = ratio_table(results, ["Q4_1", "BF16"], [1, 8])
-    assert ratios == {1: {}, 8: {}} and "llmserve" not in lines[0] and "x Q4_1" not in lines[0]
+    lines, ratios = ratio_table(results, ["bf16", "int4"], ["Q4_1", "Q8_0", "BF16"], [1, 8])
+    assert ratios[1]["bf16"] == {"Q4_1": pytest.approx(2.0), "BF16": pytest.approx(0.5),
+                                 "best": pytest.approx(0.5)}
+    assert ratios[1]["int4"] == {"Q4_1": pytest.approx(3.0), "BF16": pytest.approx(0.75),
+                                 "best": pytest.approx(0.75), "bf16": pytest.approx(1.5)}
+    # at 8 the only llama.cpp run is Q4_1, so it is the best
+    assert ratios[8]["int4"] == {"Q4_1": pytest.approx(1.8), "BF16": None,
+                                 "best": pytest.approx(1.8), "bf16": pytest.approx(0.9)}
+    assert "Q8_0" not in lines[0] and "int4 x best" in lines[0] and "int4 x bf16" in lines[0]
+    assert "1.50x" in lines[1] and "0.90x" in lines[2]
+    for name in list(results):   # --no-llmserve: the peer's numbers, no ratios
+        if name.startswith(LLMSERVE):
+            del results[name]
+    lines, ratios = ratio_table(results, ["bf16"], ["Q4_1", "BF16"], [1, 8])
+    assert ratios == {1: {}, 8: {}} and "llmserve" not in lines[0] and "x best" not in lines[0]
