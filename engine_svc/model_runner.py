@@ -29,11 +29,13 @@ from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput, seeded_generator
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.step_staging import StepStaging, outputs_to_host
-from engine_svc.weights import ModelConfig, load_weights
+from engine_svc.weights import ModelConfig, dense_weight_bytes, load_weights
 from kernels.backend import get_ops, resolve_backend
 from kernels.triton.launch import interpret_mode, persist_triton_cache
 
 log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 16384   # the CPU pool's default with unquantized weights
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -73,6 +75,7 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
         """config: resolved against model_config (`EngineConfig.resolved`)."""
+        config.check_quantization()
         self.config = config
         self.max_model_len = config.model_len
         self.model_config = model_config
@@ -91,7 +94,9 @@ class ModelRunner:
             self.thread_governor = start_cpu_threads(config.cpu_threads, config.adaptive_threads)
         torch.manual_seed(config.seed)
         weights = load_weights(config.model, model_config, self.dtype, self.device,
-                               config.load_format, seed=config.seed)
+                               config.load_format, seed=config.seed,
+                               quantization=config.quantization,
+                               group_size=config.quantization_group_size)
         # the backend packs the projections once where it can (it logs how: kernels/cpu/linear.py)
         self.model = LlamaModel(model_config, weights, get_ops(self.backend), self.max_model_len)
         self.sampler = Sampler(model_config.vocab_size, self.device,
@@ -140,7 +145,22 @@ class ModelRunner:
             step_peak, decode_peak = profile_worst_step(self, measure=sizing)
             if sizing:
                 return self._capacity_from_memory(step_peak, decode_peak)
-        return given or max(16384, self.max_model_len)
+        return given or self._cpu_default_capacity()
+
+    def _cpu_default_capacity(self) -> int:
+        """CPU without --kv-capacity-tokens: a memory budget, not a token count. The budget is
+        what the unquantized weights in the engine dtype plus max(16384, max_model_len) tokens
+        take; the pool gets what the loaded weights leave of it, so quantized weights give it
+        more tokens (and unquantized ones exactly that many)."""
+        baseline = max(CPU_DEFAULT_KV_TOKENS, self.max_model_len)
+        per_token = self.kv_bytes_per_token()
+        budget = dense_weight_bytes(self.model_config, self.dtype) + baseline * per_token
+        loaded = weight_bytes(self.model.weights)
+        capacity = max(baseline, (budget - loaded) // per_token)
+        log.info("KV pool: %d tokens (CPU default: a %.0f MiB budget for weights + pool; weights "
+                 "take %.0f MiB; --kv-capacity-tokens sets it)", capacity, budget / 2**20,
+                 loaded / 2**20)
+        return capacity
 
     def _capacity_from_memory(self, step_peak: int, decode_peak: int,
                               memory: DeviceMemory | None = None) -> int:
@@ -265,16 +285,24 @@ class ModelRunner:
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes by kind, for the metrics gauges."""
         kv = self.capacity * self.kv_bytes_per_token()
-        weights = sum(t.numel() * t.element_size() for t in _weight_tensors(self.model.weights))
-        stats = {"kv_cache": kv, "weights": weights}
+        stats = {"kv_cache": kv, "weights": weight_bytes(self.model.weights)}
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             stats.update(allocated=torch.cuda.memory_allocated(self.device), total=total, free=free)
         return stats
 
 
-def _weight_tensors(weights) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
+def _nbytes(weight: object) -> int:
+    """Bytes of a plain tensor (packed or not), or of a quantized / packed object (`.nbytes`)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return int(weight.nbytes)   # QuantizedWeight, or a backend's packed form of one
+
+
+def weight_bytes(weights) -> int:
+    """Bytes of every weight as the model holds it (after the backend packed it), each object
+    once (a tied LM head that is the embedding table counts once)."""
+    seen: dict[int, object] = {}
     for t in [weights.embed_tokens, weights.final_norm, weights.lm_head]:
         seen[id(t)] = t
     for layer in weights.layers:
@@ -282,4 +310,4 @@ def _weight_tensors(weights) -> list[torch.Tensor]:
                   layer.post_norm, layer.gate_up_proj, layer.down_proj):
             if t is not None:
                 seen[id(t)] = t
-    return list(seen.values())
+    return sum(_nbytes(t) for t in seen.values())
