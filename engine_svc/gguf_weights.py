@@ -39,7 +39,7 @@ Weight = Tensor | QuantizedWeight
 
 
 def gguf_file(model: str | Path) -> Path:
-    """The GGUF to load for `--model`: the file itself, or `<dir>/model.gguf`; ValueError if none."""
+    """The GGUF for `--model`: the file itself, or `<dir>/model.gguf`; ValueError if neither."""
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -119,10 +119,11 @@ def unpermute_rows(weight: Weight, num_heads: int) -> Weight:
     """convert_gguf.unpermute_qk on whole rows, for a plain or a quantized weight."""
     if isinstance(weight, Tensor):
         return unpermute_qk(weight, num_heads).contiguous()
-    offsets = weight.offsets
-    return QuantizedWeight(weight.kind, unpermute_qk(weight.qweight, num_heads).contiguous(),
-                           unpermute_qk(weight.scales, num_heads).contiguous(),
-                           None if offsets is None else unpermute_qk(offsets, num_heads).contiguous(),
+    def rows(tensor: Tensor) -> Tensor:
+        return unpermute_qk(tensor, num_heads).contiguous()
+
+    offsets = None if weight.offsets is None else rows(weight.offsets)
+    return QuantizedWeight(weight.kind, rows(weight.qweight), rows(weight.scales), offsets,
                            weight.group_size)
 
 
