@@ -1,5 +1,5 @@
-"""Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE, bf16 projections
-(kernels/cpu/csrc).
+"""Small C kernels for the CPU path: attention over the KV pool, RMSNorm, RoPE, bf16 and
+weight-only int8/int4 projections (kernels/cpu/csrc).
 
 Built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
 directory keyed by the source, the flags and this CPU, then loaded with ctypes. Its OpenMP calls
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in (
-    "pool_attention.c", "elementwise.c", "gemm_bf16.c", "forward_layers.c")]
+    "pool_attention.c", "elementwise.c", "gemm_bf16.c", "gemm_quant.c", "forward_layers.c")]
 HEADERS = [CSRC / "vec16.h", CSRC / "kernels.h"]
 # vector sums need reassociation (-fassociative-math and the two flags it requires); not
 # -ffast-math: gcc then links crtfastmath.o, which turns on flush-to-zero for the whole process.

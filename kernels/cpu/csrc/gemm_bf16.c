@@ -12,12 +12,14 @@
  * order than oneDNN's: a few results in 100,000 differ from F.linear's by one bf16 unit.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "kernels.h"
 #include "vec16.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#include <omp.h>
 
 #define TILE_ROWS 8
 #define TILE_BLOCKS 3                      /* 16 columns each */
@@ -74,53 +76,92 @@ static inline __attribute__((always_inline)) void gemm_tile(
 
 int gemm_bf16_available(void) { return 1; }
 
-/* y [rows, out] = x [rows, in] @ W^T (+ bias [out]), W packed as above; out % 16 == 0 and
- * in % 2 == 0 (checked by the caller). Returns 0. */
+/* y [rows, out] = x [rows, in] @ W^T (+ bias [out]), W packed as above, read from `packed`
+ * or, where `source` is given, written panel by panel into a per-thread scratch by it (once per
+ * panel and chunk of rows: a quantized weight dequantized, csrc/gemm_quant.c); out % 16 == 0
+ * and in % 2 == 0 (checked by the caller). Returns 0, or -1 when out of memory. */
+int gemm_bf16_panels(const uint16_t *x, int64_t x_row_stride, const uint16_t *packed,
+                     panel_source source, const void *context, const uint16_t *bias,
+                     uint16_t *y, int64_t y_row_stride, int64_t rows_total, int64_t out,
+                     int64_t in)
+{
+    const int64_t pairs = in / 2, blocks_total = out / 16;
+    const int64_t panels = (blocks_total + TILE_BLOCKS - 1) / TILE_BLOCKS;
+    int64_t chunk = CHUNK_BYTES / (2 * in) / TILE_ROWS * TILE_ROWS;
+    chunk = chunk < 8 * TILE_ROWS ? 8 * TILE_ROWS : chunk;
+    const int parallel = rows_total * out * in >= (int64_t)1 << 16;
+    const int64_t panel_elements = TILE_BLOCKS * pairs * 32;
+    uint16_t *scratch = NULL;   /* one panel per thread */
+    if (source) {
+        scratch = malloc((size_t)((parallel ? omp_get_max_threads() : 1) * panel_elements)
+                         * sizeof(uint16_t));
+        if (!scratch) return -1;
+    }
+    #pragma omp parallel if (parallel)
+    {
+        uint16_t *own = source ? scratch + omp_get_thread_num() * panel_elements : NULL;
+        for (int64_t first = 0; first < rows_total; first += chunk) {
+            const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
+            const int64_t row_tiles = (end - first + TILE_ROWS - 1) / TILE_ROWS;
+            int64_t held = -1;   /* the panel in `own` */
+            /* consecutive items share a panel: each thread keeps its panels' weights in cache */
+            #pragma omp for collapse(2) schedule(static)
+            for (int64_t panel = 0; panel < panels; panel++) {
+                for (int64_t tile = 0; tile < row_tiles; tile++) {
+                    const int64_t block = panel * TILE_BLOCKS, row = first + tile * TILE_ROWS;
+                    const int blocks = blocks_total - block < TILE_BLOCKS
+                                       ? (int)(blocks_total - block) : TILE_BLOCKS;
+                    const int rows = end - row < TILE_ROWS ? (int)(end - row) : TILE_ROWS;
+                    const uint16_t *xt = x + row * x_row_stride;
+                    const uint16_t *wt = own ? own : packed + block * pairs * 32;
+                    const uint16_t *bt = bias ? bias + block * 16 : 0;
+                    uint16_t *yt = y + row * y_row_stride + block * 16;
+                    if (own && held != panel) {
+                        source(context, block, blocks, own);
+                        held = panel;
+                    }
+                    /* the first row tile of a panel also prefetches the next panel, most often
+                     * this thread's next one (the static schedule hands out panels in order) */
+                    const int64_t next_block = block + TILE_BLOCKS;
+                    const uint16_t *next = !own && tile == 0 && next_block < blocks_total
+                                           ? packed + next_block * pairs * 32 : 0;
+                    const int next_blocks = blocks_total - next_block < TILE_BLOCKS
+                                            ? (int)(blocks_total - next_block) : TILE_BLOCKS;
+                    if (blocks == 3) { TILE_FOR_ROWS(3) }
+                    else if (blocks == 2) { TILE_FOR_ROWS(2) }
+                    else { TILE_FOR_ROWS(1) }
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* y [rows, out] = x [rows, in] @ W^T (+ bias [out]), W packed as above. Returns 0. */
 int gemm_bf16(const uint16_t *x, int64_t x_row_stride,    /* bf16 [rows, in], unit column stride */
               const uint16_t *packed,                      /* bf16 [out / 16, in / 2, 32] */
               const uint16_t *bias,                        /* bf16 [out] or NULL */
               uint16_t *y, int64_t y_row_stride,           /* bf16 [rows, out], unit columns */
               int64_t rows_total, int64_t out, int64_t in)
 {
-    const int64_t pairs = in / 2, blocks_total = out / 16;
-    const int64_t panels = (blocks_total + TILE_BLOCKS - 1) / TILE_BLOCKS;
-    int64_t chunk = CHUNK_BYTES / (2 * in) / TILE_ROWS * TILE_ROWS;
-    chunk = chunk < 8 * TILE_ROWS ? 8 * TILE_ROWS : chunk;
-    #pragma omp parallel if (rows_total * out * in >= (int64_t)1 << 16)
-    for (int64_t first = 0; first < rows_total; first += chunk) {
-        const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
-        const int64_t row_tiles = (end - first + TILE_ROWS - 1) / TILE_ROWS;
-        /* consecutive items share a panel: each thread keeps its panels' weights in cache */
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t panel = 0; panel < panels; panel++) {
-            for (int64_t tile = 0; tile < row_tiles; tile++) {
-                const int64_t block = panel * TILE_BLOCKS, row = first + tile * TILE_ROWS;
-                const int blocks = blocks_total - block < TILE_BLOCKS ? (int)(blocks_total - block)
-                                                                      : TILE_BLOCKS;
-                const int rows = end - row < TILE_ROWS ? (int)(end - row) : TILE_ROWS;
-                const uint16_t *xt = x + row * x_row_stride;
-                const uint16_t *wt = packed + block * pairs * 32;
-                const uint16_t *bt = bias ? bias + block * 16 : 0;
-                uint16_t *yt = y + row * y_row_stride + block * 16;
-                /* the first row tile of a panel also prefetches the next panel, most often this
-                 * thread's next one (the static schedule hands out panels in order) */
-                const int64_t next_block = block + TILE_BLOCKS;
-                const uint16_t *next = tile == 0 && next_block < blocks_total
-                                       ? packed + next_block * pairs * 32 : 0;
-                const int next_blocks = blocks_total - next_block < TILE_BLOCKS
-                                        ? (int)(blocks_total - next_block) : TILE_BLOCKS;
-                if (blocks == 3) { TILE_FOR_ROWS(3) }
-                else if (blocks == 2) { TILE_FOR_ROWS(2) }
-                else { TILE_FOR_ROWS(1) }
-            }
-        }
-    }
-    return 0;
+    return gemm_bf16_panels(x, x_row_stride, packed, NULL, NULL, bias, y, y_row_stride,
+                            rows_total, out, in);
 }
 
 #else  /* no AVX512-BF16: callers use oneDNN */
 
 int gemm_bf16_available(void) { return 0; }
+
+int gemm_bf16_panels(const uint16_t *x, int64_t x_row_stride, const uint16_t *packed,
+                     panel_source source, const void *context, const uint16_t *bias,
+                     uint16_t *y, int64_t y_row_stride, int64_t rows_total, int64_t out,
+                     int64_t in)
+{
+    (void)x; (void)x_row_stride; (void)packed; (void)source; (void)context; (void)bias; (void)y;
+    (void)y_row_stride; (void)rows_total; (void)out; (void)in;
+    return -2;
+}
 
 int gemm_bf16(const uint16_t *x, int64_t x_row_stride, const uint16_t *packed,
               const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows_total,

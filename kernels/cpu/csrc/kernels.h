@@ -32,9 +32,37 @@ int pool_attention(const void *q, int64_t q_token_stride, int64_t q_head_stride,
                    int64_t table_width, int64_t table_rows, int64_t table_columns,
                    const int32_t *slots, const int32_t *seq_lens, int tokens, int q_heads,
                    int kv_heads, int head_dim, float scale, void *out);
+/* writes blocks [block, block + blocks) of a weight in gemm_bf16's packed layout into panel */
+typedef void (*panel_source)(const void *context, int64_t block, int blocks, uint16_t *panel);
+
+/* A weight-only quantized [out, in] weight packed for csrc/gemm_quant.c (layout there). */
+enum { QUANT_INT8 = 0, QUANT_INT4 = 1 };
+typedef struct {
+    int64_t kind;               /* QUANT_INT8 or QUANT_INT4 */
+    int64_t group;              /* input features per scale: 32 or 64 */
+    int64_t out, in;            /* out % 16 == 0, in % group == 0 */
+    const uint8_t *data;        /* [out / 16, in / 4 (int8) or in / 8 (int4), 64] */
+    const uint16_t *scales;     /* fp16 [out / 16, in / group, 16], times 2^shift */
+    const uint16_t *offsets;    /* fp16, as scales (int4), or NULL (int8) */
+    float unscale;              /* 2^-shift */
+} quant_weight;
+
 int gemm_bf16_available(void);
+int gemm_bf16_panels(const uint16_t *x, int64_t x_row_stride, const uint16_t *packed,
+                     panel_source source, const void *context, const uint16_t *bias,
+                     uint16_t *y, int64_t y_row_stride, int64_t rows_total, int64_t out,
+                     int64_t in);
 int gemm_bf16(const uint16_t *x, int64_t x_row_stride, const uint16_t *packed,
               const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows_total,
               int64_t out, int64_t in);
+int gemm_quant_available(void);
+int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_weight *w,
+               const void *bias, void *y, int64_t y_row_stride, int64_t rows_total);
+int gemm_dequant_available(void);
+int gemm_dequant_bf16(const uint16_t *x, int64_t x_row_stride, const quant_weight *w,
+                      const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows);
+int dequantize_weight(const quant_weight *w, void *out, int is_bf16);
+int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
+                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum);
 
 #endif

@@ -1,0 +1,446 @@
+/* Weight-only int8 / int4 projections y = x @ W^T (+ bias) on CPU (kernels/quant.py's format,
+ * packed by kernels/cpu/quant_linear.py).
+ *
+ * With AVX512-VNNI (vpdpbusd: 4 u8 x s8 products summed into each 32-bit lane) the activations
+ * are quantized per row and per weight group to int8, as llama.cpp's q8 activations are:
+ * q = round(x * 127 / max|x|), scale max|x| / 127. Per group the integer dot products are exact;
+ * across groups they are summed in fp32 with the scales:
+ *   int8 weights: u8 side = q + 128, s8 side = the weight; the +128 comes back out with the
+ *                 group's weight sum (a vpdpbusd against ones, beside the product):
+ *                 acc += float(dot - 128 * wsum) * (wscale * xscale)
+ *   int4 weights: u8 side = the level 0..15, s8 side = q; w = wscale * level + woffset, so
+ *                 acc += (float(dot) * wscale + float(sum q) * woffset) * xscale
+ * (tests/kernels/test_cpu_quant_gemm.py mirrors these steps in torch).
+ *
+ * Packed layout, blocks of 16 output columns like gemm_bf16.c, so every load is 64 bytes:
+ *   int8: data[block][quad][column][4]    = W[16 block + column][4 quad + 0..3]
+ *   int4: data[block][octet][column][4]   = level at 8 octet + 0..3 (low nibble) and
+ *                                           8 octet + 4..7 (high nibble)
+ *   scales, offsets: fp16 [block][group][column], times 2^shift (a per-weight power of two that
+ *   keeps them in fp16's normal range; `unscale` = 2^-shift goes into the activation scale).
+ *
+ * gemm_dequant_bf16 instead dequantizes one panel of blocks at a time into gemm_bf16's layout
+ * and runs its tiles (gemm_bf16_panels): the candidate the chooser weighs at large row counts.
+ * dequantize_weight writes the whole weight as plain [out, in] (any CPU: the fallback).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "vec16.h"
+
+/* fp16 bits -> float, any CPU (subnormals included) */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+    if (exponent == 0x1fu) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {   /* subnormal: normalize */
+        exponent = 113u;
+        while (!(mantissa & 0x400u)) { mantissa <<= 1; exponent--; }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+/* float -> bf16 bits, round to nearest even (as torch's .to(torch.bfloat16)) */
+static uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* W[16 block + column][feature] for the whole weight, as fp32 (scale * level + offset) */
+static void dequantize_block(const quant_weight *w, int64_t block, float *out /* [16][in] */) {
+    const int64_t groups = w->in / w->group;
+    const int64_t units = w->kind == QUANT_INT8 ? w->in / 4 : w->in / 8;
+    const uint8_t *data = w->data + block * units * 64;
+    for (int64_t column = 0; column < 16; column++) {
+        float *row = out + column * w->in;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = (block * groups + g) * 16 + column;
+            const float scale = half_to_float(w->scales[at]) * w->unscale;
+            const float offset = w->offsets ? half_to_float(w->offsets[at]) * w->unscale : 0.0f;
+            for (int64_t i = g * w->group; i < (g + 1) * w->group; i++) {
+                float level;
+                if (w->kind == QUANT_INT8) {
+                    level = (float)(int8_t)data[(i / 4) * 64 + column * 4 + i % 4];
+                } else {
+                    const uint8_t byte = data[(i / 8) * 64 + column * 4 + i % 4];
+                    level = (float)(i % 8 < 4 ? byte & 0xf : byte >> 4);
+                }
+                row[i] = w->offsets ? scale * level + offset : scale * level;
+            }
+        }
+    }
+}
+
+int dequantize_weight(const quant_weight *w, void *out, int is_bf16) {
+    const int64_t blocks = w->out / 16;
+    int failed = 0;
+    #pragma omp parallel reduction(|: failed)
+    {
+        float *scratch = malloc((size_t)(16 * w->in) * sizeof(float));
+        failed = scratch == NULL;
+        #pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; block++) {
+            if (!scratch) continue;
+            dequantize_block(w, block, scratch);
+            for (int64_t k = 0; k < 16 * w->in; k++) {
+                const int64_t at = block * 16 * w->in + k;
+                if (is_bf16) ((uint16_t *)out)[at] = float_to_bf16(scratch[k]);
+                else ((float *)out)[at] = scratch[k];
+            }
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+#define QTILE_ROWS 4
+#define QTILE_BLOCKS 2
+#define QCHUNK_BYTES (256 * 1024)   /* quantized activation rows per chunk: about this many */
+
+int gemm_quant_available(void) { return 1; }
+
+static inline __m512 load_x16(const void *x, int64_t at, int is_bf16) {
+    if (is_bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))),
+            16));
+    return _mm512_loadu_ps((const float *)x + at);
+}
+
+/* One row: per group of `group` features, q = round(x * (127 / amax)) (q + 128 as u8 when
+ * `shift` for int8 weights), scale = amax / 127 * unscale, sum = sum of q. */
+static void quantize_row(const void *x, int is_bf16, int64_t in, int64_t group, int shift,
+                         float unscale, int8_t *q, float *scale, int32_t *sum) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t g = 0; g < in / group; g++) {
+        __m512 v[4];
+        const int parts = (int)(group / 16);
+        __m512 amax = _mm512_setzero_ps();
+        for (int p = 0; p < parts; p++) {
+            v[p] = load_x16(x, g * group + 16 * p, is_bf16);
+            amax = _mm512_max_ps(amax, _mm512_and_ps(v[p], abs_mask));
+        }
+        const float top = _mm512_reduce_max_ps(amax);
+        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+        const __m512 by = _mm512_set1_ps(inverse);
+        __m512i total = _mm512_setzero_si512();
+        for (int p = 0; p < parts; p++) {
+            const __m512i levels = _mm512_cvtps_epi32(_mm512_mul_ps(v[p], by));   /* nearest even */
+            total = _mm512_add_epi32(total, levels);
+            __m128i bytes = _mm512_cvtepi32_epi8(levels);
+            if (shift) bytes = _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80));
+            _mm_storeu_si128((__m128i *)(q + g * group + 16 * p), bytes);
+        }
+        scale[g] = top / 127.0f * unscale;
+        sum[g] = _mm512_reduce_add_epi32(total);
+    }
+}
+
+int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
+                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum) {
+    const int64_t groups = in / group;
+    #pragma omp parallel for schedule(static) if (rows * in >= (int64_t)1 << 16)
+    for (int64_t r = 0; r < rows; r++)
+        quantize_row((const char *)x + r * x_row_stride * (is_bf16 ? 2 : 4), is_bf16, in, group,
+                     shift, unscale, q + r * in, scale + r * groups, sum + r * groups);
+    return 0;
+}
+
+/* One tile: rows x blocks (both at most the QTILE_ sizes, constants when inlined) of y over
+ * the whole input width, from quantized activations (xq rows of `in` bytes, xs/xsum rows of
+ * `groups`) and the weight blocks starting at `block`. */
+static inline __attribute__((always_inline)) void quant_tile(
+    const int rows, const int blocks, const int kind,
+    const int8_t *xq, const float *xs, const int32_t *xsum,
+    const quant_weight *w, int64_t block, const void *bias, void *y, int64_t y_row_stride,
+    int is_bf16)
+{
+    const int64_t in = w->in, groups = in / w->group;
+    const int64_t unit = kind == QUANT_INT8 ? 4 : 8;          /* features per 64-byte load */
+    const int64_t units = in / unit, per_group = w->group / unit;
+    const uint8_t *data = w->data + block * units * 64;
+    const uint16_t *scales = w->scales + block * groups * 16;
+    const uint16_t *offsets = w->offsets ? w->offsets + block * groups * 16 : 0;
+    const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(0x0f);
+    __m512 acc[QTILE_ROWS][QTILE_BLOCKS];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < blocks; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i dot[QTILE_ROWS][QTILE_BLOCKS], wsum[QTILE_BLOCKS];
+        for (int j = 0; j < blocks; j++) {
+            wsum[j] = _mm512_setzero_si512();
+            for (int i = 0; i < rows; i++) dot[i][j] = _mm512_setzero_si512();
+        }
+        for (int64_t u = g * per_group; u < (g + 1) * per_group; u++) {
+            __m512i wv[QTILE_BLOCKS];
+            for (int j = 0; j < blocks; j++)
+                wv[j] = _mm512_loadu_si512((const void *)(data + (j * units + u) * 64));
+            if (kind == QUANT_INT8) {
+                for (int j = 0; j < blocks; j++) wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
+                for (int i = 0; i < rows; i++) {
+                    int32_t four;
+                    __builtin_memcpy(&four, xq + i * in + 4 * u, sizeof(four));
+                    const __m512i a = _mm512_set1_epi32(four);
+                    for (int j = 0; j < blocks; j++)
+                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], a, wv[j]);
+                }
+            } else {
+                __m512i lo[QTILE_BLOCKS], hi[QTILE_BLOCKS];
+                for (int j = 0; j < blocks; j++) {
+                    lo[j] = _mm512_and_si512(wv[j], low);
+                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
+                }
+                for (int i = 0; i < rows; i++) {
+                    int32_t four[2];
+                    __builtin_memcpy(four, xq + i * in + 8 * u, sizeof(four));
+                    const __m512i a0 = _mm512_set1_epi32(four[0]), a1 = _mm512_set1_epi32(four[1]);
+                    for (int j = 0; j < blocks; j++) {
+                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], lo[j], a0);
+                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], hi[j], a1);
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < blocks; j++) {
+            const int64_t at = (j * groups + g) * 16;
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
+            if (kind == QUANT_INT8) {
+                const __m512i correction = _mm512_slli_epi32(wsum[j], 7);
+                for (int i = 0; i < rows; i++) {
+                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[i][j], correction));
+                    const __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(xs[i * groups + g]));
+                    acc[i][j] = _mm512_add_ps(acc[i][j], _mm512_mul_ps(d, sa));
+                }
+            } else {
+                const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offsets + at)));
+                for (int i = 0; i < rows; i++) {
+                    const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][j]), s);
+                    const __m512 m = _mm512_mul_ps(_mm512_set1_ps((float)xsum[i * groups + g]), o);
+                    const __m512 t = _mm512_add_ps(d, m);
+                    acc[i][j] = _mm512_add_ps(acc[i][j],
+                                              _mm512_mul_ps(t, _mm512_set1_ps(xs[i * groups + g])));
+                }
+            }
+        }
+    }
+    for (int j = 0; j < blocks; j++) {
+        __m512 b = _mm512_setzero_ps();
+        if (bias) b = load_x16(bias, 16 * j, is_bf16);
+        for (int i = 0; i < rows; i++) {
+            const __m512 v = bias ? _mm512_add_ps(acc[i][j], b) : acc[i][j];
+            if (is_bf16) {
+                const v16h half = narrow16((v16f)v);
+                memcpy((uint16_t *)y + i * y_row_stride + 16 * j, &half, sizeof(half));
+            } else
+                _mm512_storeu_ps((float *)y + i * y_row_stride + 16 * j, v);
+        }
+    }
+}
+
+#define QTILE(ROWS, BLOCKS)                                                                    \
+    quant_tile(ROWS, BLOCKS, KIND, xq + row * in, xs + row * groups, xsum + row * groups, w,  \
+               block, bt, (char *)y + (row * y_row_stride + block * 16) * size, y_row_stride,  \
+               is_bf16)
+#define QTILE_FOR_ROWS(BLOCKS)                                                                 \
+    switch (rows) {                                                                            \
+    case 4: QTILE(4, BLOCKS); break;                                                           \
+    case 3: QTILE(3, BLOCKS); break;                                                           \
+    case 2: QTILE(2, BLOCKS); break;                                                           \
+    default: QTILE(1, BLOCKS); break;                                                          \
+    }
+
+/* every tile of rows [first, end) for one weight kind (a constant in each expansion) */
+#define QUANT_TILES(KIND_VALUE)                                                                \
+    do {                                                                                       \
+        enum { KIND = KIND_VALUE };                                                            \
+        _Pragma("omp for collapse(2) schedule(static)")                                        \
+        for (int64_t panel = 0; panel < panels; panel++) {                                     \
+            for (int64_t tile = 0; tile < row_tiles; tile++) {                                 \
+                const int64_t block = panel * QTILE_BLOCKS, row = first + tile * QTILE_ROWS;   \
+                const int blocks = blocks_total - block < QTILE_BLOCKS                         \
+                                   ? (int)(blocks_total - block) : QTILE_BLOCKS;               \
+                const int rows = end - row < QTILE_ROWS ? (int)(end - row) : QTILE_ROWS;       \
+                const void *bt = bias ? (const char *)bias + block * 16 * size : 0;            \
+                if (blocks == 2) { QTILE_FOR_ROWS(2) }                                         \
+                else { QTILE_FOR_ROWS(1) }                                                     \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+/* y [rows, out] = x [rows, in] @ W^T (+ bias [out]); x, bias and y bf16 (is_bf16) or fp32,
+ * unit column strides. Returns 0, or -1 when out of memory. */
+int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_weight *w,
+               const void *bias, void *y, int64_t y_row_stride, int64_t rows_total) {
+    const int64_t in = w->in, groups = in / w->group, blocks_total = w->out / 16;
+    const int64_t size = is_bf16 ? 2 : 4;
+    if (rows_total <= 0) return 0;
+    int8_t *xq = malloc((size_t)(rows_total * in));
+    float *xs = malloc((size_t)(rows_total * groups) * sizeof(float));
+    int32_t *xsum = malloc((size_t)(rows_total * groups) * sizeof(int32_t));
+    if (!xq || !xs || !xsum) {
+        free(xq); free(xs); free(xsum);
+        return -1;
+    }
+    const int shift = w->kind == QUANT_INT8;
+    /* a few rows: quantized here, so the team meets at no extra barrier */
+    const int small = rows_total * in <= (int64_t)1 << 14;
+    if (small)
+        for (int64_t r = 0; r < rows_total; r++)
+            quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group, shift,
+                         w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
+    const int64_t panels = (blocks_total + QTILE_BLOCKS - 1) / QTILE_BLOCKS;
+    int64_t chunk = QCHUNK_BYTES / in / QTILE_ROWS * QTILE_ROWS;
+    chunk = chunk < 16 * QTILE_ROWS ? 16 * QTILE_ROWS : chunk;
+    #pragma omp parallel if (rows_total * w->out * in >= (int64_t)1 << 16)
+    {
+        if (!small) {
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows_total; r++)
+                quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group,
+                             shift, w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
+        }
+        for (int64_t first = 0; first < rows_total; first += chunk) {
+            const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
+            const int64_t row_tiles = (end - first + QTILE_ROWS - 1) / QTILE_ROWS;
+            if (w->kind == QUANT_INT8) QUANT_TILES(QUANT_INT8);
+            else QUANT_TILES(QUANT_INT4);
+        }
+    }
+    free(xq); free(xs); free(xsum);
+    return 0;
+}
+
+#else  /* no AVX512-VNNI: callers dequantize (dequantize_weight, gemm_dequant_bf16) */
+
+int gemm_quant_available(void) { return 0; }
+
+int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
+                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum) {
+    (void)x; (void)x_row_stride; (void)is_bf16; (void)rows; (void)in; (void)group; (void)shift;
+    (void)unscale; (void)q; (void)scale; (void)sum;
+    return -1;
+}
+
+int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_weight *w,
+               const void *bias, void *y, int64_t y_row_stride, int64_t rows_total) {
+    (void)x; (void)x_row_stride; (void)is_bf16; (void)w; (void)bias; (void)y;
+    (void)y_row_stride; (void)rows_total;
+    return -2;
+}
+
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+/* 64 bytes of 16 columns x 4 features (levels as int8 or as u8 0..15) -> the two pair vectors
+ * of gemm_bf16's layout (features 0, 1 and 2, 3 of each column), w = scale * level + offset */
+static inline void dequant_four(__m512i levels, int is_signed, const __m512 scale[4],
+                                const __m512 offset[4], int with_offset, __m512i *pair0,
+                                __m512i *pair1) {
+    __m512 f[4];
+    const __m128i parts[4] = {_mm512_extracti32x4_epi32(levels, 0),
+                              _mm512_extracti32x4_epi32(levels, 1),
+                              _mm512_extracti32x4_epi32(levels, 2),
+                              _mm512_extracti32x4_epi32(levels, 3)};
+    for (int t = 0; t < 4; t++) {   /* columns 4t .. 4t + 3, four features each */
+        const __m512i wide = is_signed ? _mm512_cvtepi8_epi32(parts[t])
+                                       : _mm512_cvtepu8_epi32(parts[t]);
+        f[t] = _mm512_mul_ps(scale[t], _mm512_cvtepi32_ps(wide));
+        if (with_offset) f[t] = _mm512_add_ps(f[t], offset[t]);
+    }
+    /* 32-bit units (a bf16 pair each): column c's features 0-1 then 2-3, columns 0-7 / 8-15 */
+    const __m512i first = (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]);
+    const __m512i second = (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    *pair0 = _mm512_permutex2var_epi32(first, even, second);
+    *pair1 = _mm512_permutex2var_epi32(first, odd, second);
+}
+
+/* panel_source for gemm_bf16_panels: blocks [block, block + blocks) into bf16 [blocks][in/2][32] */
+static void dequant_panel(const void *context, int64_t block, int blocks, uint16_t *panel) {
+    const quant_weight *w = context;
+    const int64_t groups = w->in / w->group, pairs = w->in / 2;
+    const int int8 = w->kind == QUANT_INT8;
+    const int64_t unit = int8 ? 4 : 8, per_group = w->group / unit, units = w->in / unit;
+    const __m512 unscale = _mm512_set1_ps(w->unscale);
+    __m512i spread[4];   /* lane l of part t: column 4t + l / 4 */
+    for (int t = 0; t < 4; t++) {
+        int32_t idx[16];
+        for (int l = 0; l < 16; l++) idx[l] = 4 * t + l / 4;
+        spread[t] = _mm512_loadu_si512(idx);
+    }
+    for (int j = 0; j < blocks; j++) {
+        const uint8_t *data = w->data + (block + j) * units * 64;
+        __m512i *out = (__m512i *)(panel + j * pairs * 32);
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = ((block + j) * groups + g) * 16;
+            const __m512 s = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + at))), unscale);
+            const __m512 o = w->offsets ? _mm512_mul_ps(_mm512_cvtph_ps(
+                _mm256_loadu_si256((const __m256i *)(w->offsets + at))), unscale)
+                                        : _mm512_setzero_ps();
+            __m512 scale[4], offset[4];
+            for (int t = 0; t < 4; t++) {
+                scale[t] = _mm512_permutexvar_ps(spread[t], s);
+                offset[t] = _mm512_permutexvar_ps(spread[t], o);
+            }
+            for (int64_t u = g * per_group; u < (g + 1) * per_group; u++) {
+                const __m512i bytes = _mm512_loadu_si512((const void *)(data + u * 64));
+                __m512i p0, p1;
+                if (int8) {
+                    dequant_four(bytes, 1, scale, offset, w->offsets != 0, &p0, &p1);
+                    _mm512_storeu_si512(out + 2 * u, p0);
+                    _mm512_storeu_si512(out + 2 * u + 1, p1);
+                } else {
+                    const __m512i low = _mm512_set1_epi8(0x0f);
+                    dequant_four(_mm512_and_si512(bytes, low), 0, scale, offset, 1, &p0, &p1);
+                    _mm512_storeu_si512(out + 4 * u, p0);
+                    _mm512_storeu_si512(out + 4 * u + 1, p1);
+                    dequant_four(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), low), 0, scale,
+                                 offset, 1, &p0, &p1);
+                    _mm512_storeu_si512(out + 4 * u + 2, p0);
+                    _mm512_storeu_si512(out + 4 * u + 3, p1);
+                }
+            }
+        }
+    }
+}
+
+int gemm_dequant_available(void) { return 1; }
+
+/* As gemm_quant for bf16 x and y, through bf16 weights: each panel of blocks dequantized once
+ * per chunk of rows, then gemm_bf16's tiles. Returns 0, or -1 when out of memory. */
+int gemm_dequant_bf16(const uint16_t *x, int64_t x_row_stride, const quant_weight *w,
+                      const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows) {
+    return gemm_bf16_panels(x, x_row_stride, NULL, dequant_panel, w, bias, y, y_row_stride, rows,
+                            w->out, w->in);
+}
+
+#else
+
+int gemm_dequant_available(void) { return 0; }
+
+int gemm_dequant_bf16(const uint16_t *x, int64_t x_row_stride, const quant_weight *w,
+                      const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows) {
+    (void)x; (void)x_row_stride; (void)w; (void)bias; (void)y; (void)y_row_stride; (void)rows;
+    return -2;
+}
+
+#endif
