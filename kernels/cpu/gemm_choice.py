@@ -1,17 +1,21 @@
-"""Which bf16 GEMM each projection shape uses at each row count, decided by measurement.
+"""Which GEMM each projection shape uses at each row count, decided by measurement.
 
 At engine start (kernels/cpu/linear.py `prepare_weights`) every projection shape of the model
 (qkv, o, gate_up, down, lm_head) is timed at the row buckets 1, 8, 32, 256, 2048 on the model's
-own weights, through both candidates: the C AVX512-BF16 kernel (csrc/gemm_bf16.c) and oneDNN on
-reordered weights (which uses AMX tiles where the CPU has them). Per bucket the faster one is
-kept, with the C kernel as the incumbent: oneDNN must win by MARGIN on the median of paired,
+own weights, through two candidates: for bf16 weights the C AVX512-BF16 kernel
+(csrc/gemm_bf16.c) and oneDNN on reordered weights (which uses AMX tiles where the CPU has them);
+for int8/int4 weights (kernels/cpu/quant_linear.py) the VNNI kernel ("quant") and the weight
+dequantized to bf16 for the bf16 GEMM ("dequant": panels through the C kernel's tiles, or oneDNN
+where the CPU has AMX). Per bucket the faster one is kept, with the first (the C kernel, the
+VNNI kernel) as the incumbent: the challenger must win by MARGIN on the median of paired,
 alternating runs. A step of `rows` rows uses the bucket nearest to it on a log scale.
 
 A busy machine makes timings lie (a descheduled thread stalls either kernel for milliseconds),
 so a bucket whose runs were spread wide (median >= NOISY_SPREAD x fastest), or that the time
 budget (BUDGET_S; timing goes bucket by bucket across shapes) cut short or never reached, takes
-the prior instead: oneDNN from 32 rows where the CPU has AMX (it won 2.6x at 32 rows and 6x at
-2048 on a Xeon, lost 1.9x at 1 row), the C kernel elsewhere.
+the prior instead: the challenger (oneDNN, or dequantized weights through it) from 32 rows where the
+CPU has AMX (oneDNN won 2.6x at 32 rows and 6x at 2048 on a Xeon, lost 1.9x at 1 row), the
+incumbent elsewhere.
 
 Small buckets rotate over enough distinct layers' weights to overflow the last-level cache, as a
 forward pass reads them (memory-bound); big ones time one (compute-bound). lm_head is
@@ -39,11 +43,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUCKET_ROWS: tuple[int, ...] = (1, 8, 32, 256, 2048)
-NATIVE, ONEDNN = "native", "onednn"
+NATIVE, ONEDNN = "native", "onednn"      # bf16 weights: the C kernel, oneDNN
+QUANT, DEQUANT = "quant", "dequant"      # int8/int4 weights: the VNNI kernel, bf16 after all
+BF16_LABELS: tuple[str, str] = (NATIVE, ONEDNN)
+QUANT_LABELS: tuple[str, str] = (QUANT, DEQUANT)
 MARGIN = 0.05            # oneDNN must be this much faster (paired median) to replace the C kernel
 MEMORY_BOUND_ROWS = 32   # up to here weights stream from memory: rotate over many layers
 LM_HEAD_MAX_ROWS = 256   # lm_head sees one row per request: not timed beyond this
-CHOOSER_VERSION = 2      # part of the cache key: bump when the method changes
+CHOOSER_VERSION = 3      # part of the cache key: bump when the method changes
 NOISY_SPREAD = 1.5       # median / fastest run at or above this: timings too noisy to cache
 BUDGET_S = 5.0           # timing stops here (a busy machine): later buckets take the prior
 AMX_ONEDNN_FROM_ROWS = 32   # the prior on AMX CPUs: oneDNN from this many rows
@@ -52,7 +59,8 @@ PROVISIONAL_TTL_S = 3600.0   # a noisy or cut-short table is reused this long, t
 
 @dataclass(slots=True)
 class BucketTiming:
-    """Seconds per call of each candidate at one bucket, paired runs in order, and the pick."""
+    """Seconds per call of each candidate at one bucket, paired runs in order, and the pick
+    (native_s: the incumbent's, the C or VNNI kernel; onednn_s: the challenger's)."""
 
     rows: int
     native_s: list[float]
@@ -76,6 +84,7 @@ class ShapeChoice:
     out_features: int
     in_features: int
     buckets: list[BucketTiming] = field(default_factory=list)
+    labels: tuple[str, str] = BF16_LABELS   # (incumbent, challenger)
 
     def choices(self) -> list[str]:
         """The implementation per bucket, in BUCKET_ROWS order."""
@@ -120,6 +129,8 @@ class ShapeCandidates:
     run_onednn: Callable[[object, int], object]
     make_x: Callable[[int], object]               # rows -> x [rows, in]
     max_rows: int = BUCKET_ROWS[-1]
+    labels: tuple[str, str] = BF16_LABELS         # (incumbent: run_native, challenger)
+    weight_bytes: float = 2.0                     # bytes per weight element as stored
 
 
 def bucket_index(rows: int) -> int:
@@ -130,14 +141,16 @@ def bucket_index(rows: int) -> int:
     return len(BUCKET_ROWS) - 1
 
 
-def decide(native_s: Sequence[float], onednn_s: Sequence[float], margin: float = MARGIN) -> str:
-    """oneDNN when both the median of the paired ratios (onednn / native, run i against run i)
-    and the ratio of the medians are below 1 - margin; else the C kernel."""
+def decide(native_s: Sequence[float], onednn_s: Sequence[float], margin: float = MARGIN,
+           labels: tuple[str, str] = BF16_LABELS) -> str:
+    """The challenger (oneDNN) when both the median of the paired ratios (challenger /
+    incumbent, run i against run i) and the ratio of the medians are below 1 - margin; else
+    the incumbent (the C kernel)."""
     if not native_s or len(native_s) != len(onednn_s) or min(native_s) <= 0:
-        return NATIVE
+        return labels[0]
     paired = statistics.median(o / n for n, o in zip(native_s, onednn_s))
     of_medians = statistics.median(onednn_s) / statistics.median(native_s)
-    return ONEDNN if max(paired, of_medians) < 1.0 - margin else NATIVE
+    return labels[1] if max(paired, of_medians) < 1.0 - margin else labels[0]
 
 
 def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats: int,
@@ -159,19 +172,19 @@ def time_pair(run_a: Callable[[], object], run_b: Callable[[], object], repeats:
 
 
 def rotation(layers: int, out_features: int, in_features: int, rows: int,
-             cache_bytes: int) -> int:
+             cache_bytes: int, bytes_per_weight: float = 2.0) -> int:
     """How many distinct weights a timed run goes through: enough to spill the last-level
     cache twice over in the memory-bound buckets, one in the compute-bound ones."""
     if rows > MEMORY_BOUND_ROWS:
         return 1
-    weight_bytes = 2 * out_features * in_features
+    weight_bytes = max(1.0, bytes_per_weight * out_features * in_features)
     return max(1, min(layers, math.ceil(2 * cache_bytes / weight_bytes)))
 
 
-def prior_choice(rows: int, amx: bool) -> str:
-    """A bucket's pick without a trustworthy timing: oneDNN from AMX_ONEDNN_FROM_ROWS rows on
-    a CPU with AMX, else the C kernel."""
-    return ONEDNN if amx and rows >= AMX_ONEDNN_FROM_ROWS else NATIVE
+def prior_choice(rows: int, amx: bool, labels: tuple[str, str] = BF16_LABELS) -> str:
+    """A bucket's pick without a trustworthy timing: the challenger (oneDNN) from
+    AMX_ONEDNN_FROM_ROWS rows on a CPU with AMX, else the incumbent (the C kernel)."""
+    return labels[1] if amx and rows >= AMX_ONEDNN_FROM_ROWS else labels[0]
 
 
 def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
@@ -179,7 +192,8 @@ def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
                    amx: bool = False) -> BucketTiming:
     """Both candidates' seconds per call at `rows` rows, and the pick: the faster, or the
     prior when the runs were noisy or the deadline cut them short."""
-    count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes)
+    count = rotation(shape.layers, shape.out_features, shape.in_features, rows, cache_bytes,
+                     shape.weight_bytes)
     x = shape.make_x(rows)
 
     def run_native() -> None:
@@ -194,9 +208,9 @@ def measure_bucket(shape: ShapeCandidates, rows: int, cache_bytes: int,
     native_s, onednn_s = time_pair(run_native, run_onednn, repeats, clock, deadline)
     timing = BucketTiming(rows, [t / count for t in native_s], [t / count for t in onednn_s])
     if len(native_s) < repeats or timing.noisy():
-        timing.choice, timing.prior = prior_choice(rows, amx), True
+        timing.choice, timing.prior = prior_choice(rows, amx, shape.labels), True
     else:
-        timing.choice = decide(timing.native_s, timing.onednn_s)
+        timing.choice = decide(timing.native_s, timing.onednn_s, labels=shape.labels)
     return timing
 
 
@@ -205,7 +219,8 @@ def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
                 amx: bool = False) -> dict[str, ShapeChoice]:
     """Every shape at every bucket, smallest bucket first across shapes; buckets reached after
     `deadline` (on `clock`) stay untimed and take the prior."""
-    results = {c.name: ShapeChoice(c.name, c.out_features, c.in_features) for c in candidates}
+    results = {c.name: ShapeChoice(c.name, c.out_features, c.in_features, labels=c.labels)
+               for c in candidates}
     for rows in BUCKET_ROWS:
         for shape in candidates:
             buckets = results[shape.name].buckets
@@ -214,7 +229,7 @@ def measure_all(candidates: Sequence[ShapeCandidates], cache_bytes: int,
                 buckets.append(BucketTiming(rows, last.native_s, last.onednn_s, last.choice,
                                             measured=False, prior=last.prior))
             elif clock() >= deadline:
-                buckets.append(BucketTiming(rows, [], [], prior_choice(rows, amx),
+                buckets.append(BucketTiming(rows, [], [], prior_choice(rows, amx, shape.labels),
                                             measured=False, prior=True))
             else:
                 buckets.append(measure_bucket(shape, rows, cache_bytes, clock, deadline, amx))
@@ -276,7 +291,8 @@ def _table_from_json(data: dict) -> GemmTable:
     shapes = {}
     for name, shape in data["shapes"].items():
         buckets = [BucketTiming(**bucket) for bucket in shape.pop("buckets")]
-        shapes[name] = ShapeChoice(**shape, buckets=buckets)
+        labels = tuple(shape.pop("labels", BF16_LABELS))
+        shapes[name] = ShapeChoice(**shape, buckets=buckets, labels=labels)
     return GemmTable(shapes, source="cached")
 
 
@@ -342,19 +358,23 @@ def choose(candidates: Sequence[ShapeCandidates], identity: dict[str, object], c
     return table
 
 
+PICK_NAMES = {NATIVE: "C", ONEDNN: "oneDNN", QUANT: "VNNI", DEQUANT: "deq"}
+
+
 def format_table(table: GemmTable) -> str:
     """shape x bucket -> choice with both times (ms, medians), one line per shape."""
     head = f"{'shape':<10}{'out x in':>13}" + "".join(f"{r:>24}" for r in BUCKET_ROWS)
-    lines = [f"bf16 GEMM choice ({table.source}"
+    lines = [f"GEMM choice ({table.source}"
              + (f", {table.seconds:.2f} s" if table.source == "measured" else "")
-             + "): rows -> pick (C ms / oneDNN ms); * the prior: noisy or untimed", head]
+             + "): rows -> pick (C ms / oneDNN ms, or int8/int4: VNNI ms / dequantized bf16 "
+             "ms); * the prior: noisy or untimed", head]
     for shape in table.shapes.values():
         cells = []
         for b in shape.buckets:
             times = (f"{statistics.median(b.native_s) * 1e3:.3f}/"
                      f"{statistics.median(b.onednn_s) * 1e3:.3f}") if b.measured else (
                 "as 256" if b.native_s else "untimed")
-            pick = ("C" if b.choice == NATIVE else "oneDNN") + ("*" if b.prior else "")
+            pick = PICK_NAMES.get(b.choice, b.choice) + ("*" if b.prior else "")
             cells.append(f"{pick} {times}")
         lines.append(f"{shape.name:<10}{f'{shape.out_features}x{shape.in_features}':>13}"
                      + "".join(f"{c:>24}" for c in cells))

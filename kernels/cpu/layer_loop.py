@@ -52,8 +52,8 @@ class NativeLayerLoop:
         KernelOps offers it (the Triton backend's layer_loop is always None)."""
         if os.environ.get("LLMSERVE_CPU_LAYERS", "native") == "python":
             return None
-        if linear.linear_for(weights.lm_head) not in (linear.native_linear,
-                                                      linear.chosen_linear):
+        if not isinstance(weights.lm_head, Tensor) or linear.linear_for(weights.lm_head) not in (
+                linear.native_linear, linear.chosen_linear):
             return None   # not packed by linear.pack_native (all or none are)
         for layer in weights.layers:
             for vector in (layer.input_norm, layer.post_norm, layer.qkv_bias):

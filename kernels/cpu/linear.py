@@ -16,6 +16,11 @@ Which one runs is decided per projection shape and row bucket by measurement at 
 oneDNN wins some bucket (with AMX: from ~32 rows) also keep a oneDNN copy (that shape's
 weights held twice); `chosen_linear` picks per call by the row count. LLMSERVE_CPU_GEMM=native
 or =onednn skips the measurement and packs for that one only (the default is auto).
+
+Weight-only int8/int4 projections (kernels.quant.QuantizedWeight, from `--quantization`) are
+packed by kernels/cpu/quant_linear.py, their route per bucket measured in the same table; a model
+may mix them with bf16 ones (a bf16 LM head over int4 layers). Without the C library they stay
+as they are and go through the torch oracle.
 """
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cpu import gemm_choice, native
+from kernels.cpu import gemm_choice, native, quant_linear
+from kernels.cpu.quant_linear import PackedQuant
 from kernels.model_view import LinearFn, ModelWeightsView
-from kernels.quant import QuantizedWeight, has_quantized, quantized_linear
+from kernels.quant import QuantizedWeight, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,13 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-GEMM_MODES = ("auto", "native", "onednn")
+GEMM_MODES = ("auto", "native", "onednn", "dequant")
 
 
 def gemm_mode() -> str:
-    """LLMSERVE_CPU_GEMM: auto (default: measure per shape and rows), native or onednn."""
+    """LLMSERVE_CPU_GEMM: auto (default: measure per shape and rows), native (the C kernels:
+    bf16, VNNI), onednn (oneDNN; quantized weights dequantized for it) or dequant (the C
+    kernels; quantized weights dequantized panel by panel)."""
     mode = os.environ.get("LLMSERVE_CPU_GEMM", "auto") or "auto"
     if mode not in GEMM_MODES:
         log.warning("LLMSERVE_CPU_GEMM=%s is not one of %s; using auto", mode, GEMM_MODES)
@@ -157,26 +165,41 @@ def linear_for(weight: Tensor) -> LinearFn:
 
 
 def _any_linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
-    """A quantized weight through the torch oracle, any other through `linear_for` (the C
-    quantized kernels replace the oracle)."""
+    """A packed quantized weight through quant_linear, an unpacked one (no C library) through
+    the torch oracle, any other through `linear_for`."""
+    if isinstance(weight, PackedQuant):
+        return quant_linear.quant_linear(x, weight, bias)
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
     return linear_for(weight)(x, weight, bias)
 
 
+def _projections(weights: ModelWeightsView) -> list:
+    """The LM head, then every layer's projections in forward_layers.c's order."""
+    return [weights.lm_head] + [getattr(layer, name) for layer in weights.layers
+                                for name in PROJECTIONS]
+
+
+def _is_quantized(weight) -> bool:
+    return isinstance(weight, (QuantizedWeight, PackedQuant))
+
+
 def model_linear(weights: ModelWeightsView) -> LinearFn:
     """The product for every projection of `weights` as prepare_weights left them."""
-    return _any_linear if has_quantized(weights) else linear_for(weights.lm_head)
+    if any(_is_quantized(w) for w in _projections(weights)):
+        return _any_linear
+    return linear_for(weights.lm_head)
 
 
 def _pack_for(weights: ModelWeightsView) -> Callable[[Tensor], Tensor] | None:
-    """For the C kernel when every projection fits it, else for oneDNN where torch has it,
-    else None (projections stay plain)."""
-    projections = [weights.lm_head] + [w for layer in weights.layers for w in (
-        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
-    if all(can_pack_native(w) for w in projections):
+    """For the plain (unquantized) projections: the C kernel when every one fits it, else
+    oneDNN where torch has it, else None (they stay plain)."""
+    plain = [w for w in _projections(weights) if not _is_quantized(w)]
+    if not plain:
+        return None
+    if all(can_pack_native(w) for w in plain):
         return pack_native
-    return prepack if can_prepack(weights.lm_head) else None
+    return prepack if can_prepack(plain[0]) else None
 
 
 def _by_shape(weights: ModelWeightsView) -> dict[str, list[Tensor]]:
@@ -189,9 +212,13 @@ def _by_shape(weights: ModelWeightsView) -> dict[str, list[Tensor]]:
 
 def _candidates(plain: dict[str, list[Tensor]],
                 packed: dict[str, list[Tensor]]) -> list[gemm_choice.ShapeCandidates]:
-    """What gemm_choice times: the model's own weights, oneDNN twins made on first use."""
+    """What gemm_choice times: the model's own weights, oneDNN twins made on first use
+    (quantized shapes: quant_linear.candidates)."""
     out = []
     for name, weights in plain.items():
+        if isinstance(packed[name][0], PackedQuant):
+            out.extend(quant_linear.candidates(name, packed[name]))
+            continue
         out_features, in_features = weights[0].shape
         twins: dict[int, Tensor] = {}
 
@@ -219,7 +246,8 @@ def choose_gemms(plain: dict[str, list[Tensor]],
                 "threads": torch.get_num_threads(),
                 "native_lib": os.path.basename(lib._name) if lib is not None else None,
                 "shapes": {name: list(w[0].shape) for name, w in plain.items()},
-                "layers": len(plain["qkv"])}
+                "layers": max(len(w) for w in plain.values()),
+                "kinds": {name: describe(p[0]) for name, p in packed.items()}}
     table = gemm_choice.choose(_candidates(plain, packed), identity,
                                native.cache_dir().parent / "gemm_choice")
     log.info("%s", gemm_choice.format_table(table))
@@ -228,37 +256,87 @@ def choose_gemms(plain: dict[str, list[Tensor]],
 
 def _attach_plans(plain: dict[str, list[Tensor]], packed: dict[str, list[Tensor]],
                   table: gemm_choice.GemmTable) -> None:
-    """Where oneDNN wins anywhere, every C-packed weight gets a plan (so the one linear the
-    model takes, `chosen_linear`, consults it); only the shapes it wins get oneDNN twins."""
-    if not any(table.uses_onednn(name) for name in plain):
+    """Quantized shapes take their routes. Where oneDNN wins anywhere, every C-packed bf16
+    weight gets a plan (so `chosen_linear` consults it); only the shapes it wins get oneDNN
+    twins."""
+    for name in table.shapes:
+        if isinstance(packed[name][0], PackedQuant):
+            quant_linear.take_choices(packed[name], table.shapes[name].choices())
+    bf16 = {name: weights for name, weights in plain.items()
+            if name in table.shapes and not _is_quantized(packed[name][0])}
+    if not any(table.uses_onednn(name) for name in bf16):
         return
-    for name, weights in plain.items():
+    for name, weights in bf16.items():
         use = tuple(choice == gemm_choice.ONEDNN for choice in table.shapes[name].choices())
         for plain_weight, native_weight in zip(weights, packed[name]):
             twin = prepack(plain_weight) if any(use) else None
             setattr(native_weight, PLAN_ATTR, ProjectionPlan(twin, use))
 
 
+def describe(weight) -> str:
+    """How a projection is held, for logs and the chooser's cache key: 'bf16 C', 'int4 g32' ..."""
+    if isinstance(weight, PackedQuant):
+        return f"{weight.kind} g{weight.group_size}"
+    if isinstance(weight, QuantizedWeight):
+        return f"{weight.kind} g{weight.group_size} (torch oracle)"
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return f"{dtype} {'C' if weight.dim() == 3 else 'oneDNN' if weight.is_mkldnn else 'plain'}"
+
+
+def _pack_quantized(weights: ModelWeightsView) -> Callable | None:
+    """quant_linear.pack when the C library takes every quantized projection, else None (they
+    stay QuantizedWeight, for the torch oracle)."""
+    quantized = [w for w in _projections(weights) if isinstance(w, QuantizedWeight)]
+    if quantized and all(quant_linear.can_pack(w) for w in quantized):
+        return quant_linear.pack
+    return None
+
+
+def _measured(plain: dict[str, list], packed: dict[str, list], pack: Callable | None) -> dict:
+    """The shapes the chooser weighs: quantized ones with two routes to choose from, bf16
+    ones packed for the C kernel where oneDNN is there to compare."""
+    chosen = {}
+    for name, weights in packed.items():
+        if isinstance(weights[0], PackedQuant):
+            if quant_linear.choosable(weights):
+                chosen[name] = weights
+        elif pack is pack_native and isinstance(weights[0], Tensor) and weights[0].dim() == 3 \
+                and can_prepack(plain[name][0]):
+            chosen[name] = weights
+    return chosen
+
+
 def prepare_weights(weights: WeightsT) -> WeightsT:
-    """The same weights with every projection (and the LM head) packed once for a faster bf16
-    product (the C kernel, else oneDNN); embeddings and norms stay plain. Weights neither takes
-    (fp32, not on CPU, or a torch without oneDNN) come back unchanged; `linear_for` then gives
-    the product that fits. With the C kernel and LLMSERVE_CPU_GEMM=auto, the shapes where
-    oneDNN measured faster at some row bucket get oneDNN twins (`chosen_linear`)."""
-    pack = None if has_quantized(weights) else _pack_for(weights)
-    if pack is None:
+    """The same weights with every projection (and the LM head) packed once for a faster
+    product: bf16 ones for the C kernel (else oneDNN), quantized ones for the C quantized
+    kernels; embeddings and norms stay plain. Weights neither takes (fp32, not on CPU, or no
+    C library and no oneDNN) come back unchanged; `model_linear` then gives the product that
+    fits. With LLMSERVE_CPU_GEMM=auto, the route per shape and row bucket is measured
+    (gemm_choice): oneDNN twins for the bf16 shapes where it wins, and the quantized shapes'
+    VNNI or dequantized routes."""
+    pack, pack_quantized = _pack_for(weights), _pack_quantized(weights)
+    if pack is None and pack_quantized is None:
         return weights
-    layers = [replace(layer, qkv_proj=pack(layer.qkv_proj), o_proj=pack(layer.o_proj),
-                      gate_up_proj=pack(layer.gate_up_proj), down_proj=pack(layer.down_proj))
+
+    def packed_form(weight):
+        if isinstance(weight, QuantizedWeight):
+            return pack_quantized(weight) if pack_quantized is not None else weight
+        return pack(weight) if pack is not None else weight
+
+    layers = [replace(layer, **{name: packed_form(getattr(layer, name)) for name in PROJECTIONS})
               for layer in weights.layers]
-    packed_weights = replace(weights, layers=layers, lm_head=pack(weights.lm_head))
+    packed_weights = replace(weights, layers=layers, lm_head=packed_form(weights.lm_head))
     chosen = ""
-    if pack is pack_native and gemm_mode() == "auto" and can_prepack(weights.lm_head):
-        plain, packed = _by_shape(weights), _by_shape(packed_weights)
-        table = choose_gemms(plain, packed)
+    plain, packed = _by_shape(weights), _by_shape(packed_weights)
+    measured = _measured(plain, packed, pack) if gemm_mode() == "auto" else {}
+    if measured:
+        table = choose_gemms({name: plain[name] for name in measured}, measured)
         _attach_plans(plain, packed, table)
-        twins = [name for name in plain if table.uses_onednn(name)]
-        chosen = f"; oneDNN twins for {', '.join(twins)}" if twins else "; oneDNN wins nowhere"
-    log.info("bf16 projections packed once for %s (kernels/cpu/linear.py)%s",
-             "the AVX512-BF16 C kernel" if pack is pack_native else "oneDNN", chosen)
+        twins = [name for name in measured if table.uses_onednn(name)]
+        dequantized = [name for name in measured if gemm_choice.DEQUANT in table.shapes[name]
+                       .choices()]
+        chosen = (f"; oneDNN twins for {', '.join(twins) or 'no shape'}; dequantized to bf16 at "
+                  f"some row counts: {', '.join(dequantized) or 'no shape'}")
+    kinds = sorted({describe(w) for w in _projections(packed_weights)})
+    log.info("projections packed once (kernels/cpu/linear.py): %s%s", ", ".join(kinds), chosen)
     return packed_weights

@@ -172,6 +172,35 @@ def route_for(weight: PackedQuant, rows: int, dtype: torch.dtype) -> str:
     return route
 
 
+def choosable(weights: list[PackedQuant]) -> bool:
+    """Whether the chooser has two routes to weigh for one shape's weights: the VNNI kernel is
+    here and every layer holds the same kind and group."""
+    return vnni_available() and len({(w.kind, w.group_size) for w in weights}) == 1
+
+
+def candidates(name: str, weights: list[PackedQuant]) -> list[gemm_choice.ShapeCandidates]:
+    """What gemm_choice times for one quantized shape: VNNI against the dequantized route."""
+    out_features, in_features = weights[0].shape
+    challenger = _ROUTE_FNS[dequant_route()]
+    return [gemm_choice.ShapeCandidates(
+        name, out_features, in_features, len(weights),
+        run_native=lambda x, i: vnni_linear(x, weights[i]),
+        run_onednn=lambda x, i: challenger(x, weights[i]),
+        make_x=lambda rows: torch.randn(rows, in_features, dtype=torch.bfloat16),
+        max_rows=gemm_choice.LM_HEAD_MAX_ROWS if name == "lm_head" else
+        gemm_choice.BUCKET_ROWS[-1],
+        labels=gemm_choice.QUANT_LABELS,
+        weight_bytes=weights[0].nbytes / (out_features * in_features))]
+
+
+def take_choices(weights: list[PackedQuant], choices: list[str]) -> None:
+    """Set every weight's routes from the chooser's picks per bucket (quant or dequant)."""
+    dequant = dequant_route()
+    routes = tuple("vnni" if choice == gemm_choice.QUANT else dequant for choice in choices)
+    for weight in weights:
+        weight.routes = routes
+
+
 def quant_linear(x: Tensor, weight: PackedQuant, bias: Tensor | None = None) -> Tensor:
     """x [rows, in] @ W^T (+ bias [out]) -> [rows, out] in x's dtype (bf16 or fp32), by the
     route the weight's measured choice gives for x's row count."""

@@ -1,13 +1,18 @@
 """Prepacked bf16 projections: oneDNN reordered weights give F.linear's numbers bit for bit;
-the C kernel (kernels/cpu/csrc/gemm_bf16.c) gives the exact product within bf16 rounding."""
+the C kernel (kernels/cpu/csrc/gemm_bf16.c) gives the exact product within bf16 rounding;
+quantized and mixed models get their projections packed (kernels/cpu/quant_linear.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu import quant_linear
+from kernels.quant import QuantizedWeight, quantize, quantized_linear
 
 needs_native = pytest.mark.skipif(not cpu_linear.native_available(),
                                   reason="no AVX512-BF16 build of the C kernels here")
@@ -103,3 +108,88 @@ def test_pack_native_refuses_what_the_kernel_cannot_take(monkeypatch) -> None:
     monkeypatch.setenv("LLMSERVE_CPU_GEMM", "onednn")
     assert not cpu_linear.native_available()
     assert not cpu_linear.can_pack_native(torch.zeros(16, 8, dtype=torch.bfloat16))
+
+
+needs_quant = pytest.mark.skipif(not (cpu_linear.native_available()
+                                      and quant_linear.native_quant.load() is not None),
+                                 reason="no AVX512-BF16 build of the C kernels here")
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv_proj: object
+    qkv_bias: torch.Tensor | None
+    o_proj: object
+    post_norm: torch.Tensor
+    gate_up_proj: object
+    down_proj: object
+
+
+@dataclass
+class _Weights:
+    layers: list
+    lm_head: object
+
+
+def _mixed_weights(layer_kind: str, head_kind: str | None) -> tuple[_Weights, _Weights]:
+    """(fp32 originals, the model's weights): layers quantized as layer_kind (gate_up in groups
+    of 64), the LM head as head_kind or bf16 (None)."""
+    torch.manual_seed(7)
+
+    def w(out_features, in_features):
+        return torch.randn(out_features, in_features) * 0.05
+
+    norm = torch.ones(64, dtype=torch.bfloat16)
+    plain = _Weights([_Layer(norm, w(128, 64), None, w(64, 64), norm, w(256, 64), w(64, 128))
+                      for _ in range(2)], w(320, 64))
+    def q(weight: torch.Tensor, group: int = 32) -> QuantizedWeight:
+        return quantize(weight, layer_kind, group)
+
+    layers = [_Layer(norm, q(layer.qkv_proj), None, q(layer.o_proj), norm,
+                     q(layer.gate_up_proj, 64), q(layer.down_proj)) for layer in plain.layers]
+    head = quantize(plain.lm_head, head_kind) if head_kind else plain.lm_head.bfloat16()
+    return plain, _Weights(layers, head)
+
+
+@needs_quant
+@pytest.mark.parametrize("layer_kind, head_kind", [("int4", None), ("int4", "int8"),
+                                                   ("int8", "int8")])
+def test_prepare_weights_packs_quantized_and_mixed_models(layer_kind, head_kind,
+                                                          monkeypatch) -> None:
+    monkeypatch.setenv("LLMSERVE_CPU_GEMM", "native")   # no measurement: the VNNI route
+    plain, weights = _mixed_weights(layer_kind, head_kind)
+    packed = cpu_linear.prepare_weights(weights)
+    linear = cpu_linear.model_linear(packed)
+    assert linear is cpu_linear._any_linear
+    layer = packed.layers[0]
+    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        weight, original = getattr(layer, name), getattr(weights.layers[0], name)
+        assert isinstance(weight, quant_linear.PackedQuant) and weight.kind == layer_kind
+        assert weight.shape == original.shape and 0 < weight.nbytes <= original.nbytes
+        x = torch.randn(5, weight.shape[1], dtype=torch.bfloat16)
+        assert torch.equal(linear(x, weight, None), quant_linear.quant_linear(x, weight))
+        oracle = quantized_linear(x, original)
+        assert ((linear(x, weight, None).float() - oracle.float()).abs()
+                <= 0.05 * oracle.float().abs() + 0.05).all()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    if head_kind is None:   # bf16 LM head: the C bf16 kernel beside the quantized layers
+        assert packed.lm_head.dim() == 3
+        assert torch.equal(linear(x, packed.lm_head, None),
+                           cpu_linear.native_linear(x, packed.lm_head))
+    else:
+        assert isinstance(packed.lm_head, quant_linear.PackedQuant)
+        assert packed.lm_head.kind == head_kind
+    assert cpu_linear.describe(packed.lm_head) == (f"{head_kind} g32" if head_kind
+                                                   else "bfloat16 C")
+
+
+def test_quantized_weights_stay_for_the_oracle_without_the_c_library(monkeypatch) -> None:
+    monkeypatch.setattr(quant_linear, "can_pack", lambda weight: False)
+    monkeypatch.setattr(cpu_linear, "can_pack_native", lambda weight: False)
+    _, weights = _mixed_weights("int8", "int8")
+    packed = cpu_linear.prepare_weights(weights)
+    assert isinstance(packed.layers[0].qkv_proj, QuantizedWeight)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(cpu_linear.model_linear(packed)(x, packed.lm_head, None),
+                       quantized_linear(x, packed.lm_head))

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from kernels.cpu import gemm_choice as gc
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu import quant_linear
+from kernels.quant import quantize
 
 needs_both = pytest.mark.skipif(
     not (cpu_linear.native_available()
@@ -335,3 +337,66 @@ def test_prepare_weights_measures_real_kernels(tmp_path, monkeypatch) -> None:
         exact = x.double() @ getattr(weights.layers[0], name).double().T
         assert ((y.double() - exact).abs() <= (x.double().abs() @ getattr(
             weights.layers[0], name).double().abs().T).clamp(min=1.0) * 2.0**-8).all()
+
+
+def test_labels_name_the_incumbent_and_the_challenger() -> None:
+    labels = gc.QUANT_LABELS
+    assert gc.decide([1.0] * 5, [0.5] * 5, labels=labels) == gc.DEQUANT
+    assert gc.decide([1.0] * 5, [0.97] * 5, labels=labels) == gc.QUANT
+    assert gc.prior_choice(256, amx=True, labels=labels) == gc.DEQUANT
+    assert gc.prior_choice(256, amx=False, labels=labels) == gc.QUANT
+    # a quantized weight's smaller bytes: more distinct weights to spill the cache
+    assert gc.rotation(100, 512, 1024, 1, 32 << 20, bytes_per_weight=0.5) == 100
+    assert gc.rotation(100, 512, 1024, 1, 32 << 20, bytes_per_weight=2.0) == 64
+
+
+def test_quantized_shapes_are_measured_cached_and_shown_with_their_labels(tmp_path) -> None:
+    clock = FakeClock()
+    # VNNI 1 ms per row; dequantized: 10 ms + 0.1 ms per row -> VNNI up to 8 rows
+    shape = _fake_shape(clock, "gate_up", lambda rows: 1e-3 * rows,
+                        lambda rows: 10e-3 + 1e-4 * rows)
+    shape.labels = gc.QUANT_LABELS
+    table = gc.choose([shape], {"cpu_model": "q"}, tmp_path, cache_bytes=1 << 20, clock=clock,
+                      budget_s=1e9)
+    want = [gc.QUANT, gc.QUANT, gc.DEQUANT, gc.DEQUANT, gc.DEQUANT]
+    assert table.shapes["gate_up"].choices() == want and not table.uses_onednn("gate_up")
+    cached = gc.load_cached(next(tmp_path.glob("*.json")), ["gate_up"])
+    assert cached.shapes["gate_up"].choices() == want
+    assert cached.shapes["gate_up"].labels == gc.QUANT_LABELS
+    assert "VNNI" in gc.format_table(cached) and "deq" in gc.format_table(cached)
+
+
+needs_quant = pytest.mark.skipif(
+    not (cpu_linear.native_available() and quant_linear.vnni_available()),
+    reason="needs the AVX512-BF16 and VNNI C kernels")
+
+
+@needs_quant
+def test_prepare_weights_gives_quantized_shapes_their_measured_routes(monkeypatch) -> None:
+    monkeypatch.delenv("LLMSERVE_CPU_GEMM", raising=False)
+    seen = {}
+
+    def fake_choose(candidates, identity, cache_dir, cache_bytes=None):
+        seen.update({c.name: c.labels for c in candidates})
+        shapes = {c.name: gc.ShapeChoice(c.name, 1, 1, [gc.BucketTiming(
+            r, [1.0], [1.0], c.labels[int(r >= 32)]) for r in gc.BUCKET_ROWS], c.labels)
+            for c in candidates}
+        return gc.GemmTable(shapes, source="measured")
+
+    monkeypatch.setattr(gc, "choose", fake_choose)
+    def q(out_features, in_features):
+        return quantize(torch.randn(out_features, in_features), "int4", 32)
+
+    norm = torch.ones(32, dtype=torch.bfloat16)   # int4 layers, bf16 LM head
+    weights = _Weights([_Layer(norm, q(64, 32), None, q(32, 32), norm, q(96, 32), q(32, 64))
+                        for _ in range(2)], torch.randn(80, 32, dtype=torch.bfloat16))
+    packed = cpu_linear.prepare_weights(weights)
+    assert seen == {"qkv": gc.QUANT_LABELS, "o": gc.QUANT_LABELS, "gate_up": gc.QUANT_LABELS,
+                    "down": gc.QUANT_LABELS, "lm_head": gc.BF16_LABELS}
+    dequant = quant_linear.dequant_route()
+    for layer in packed.layers:
+        assert layer.down_proj.routes == ("vnni", "vnni", dequant, dequant, dequant)
+    x = torch.randn(40, 32, dtype=torch.bfloat16)   # 32-row bucket: the dequantized route
+    y = cpu_linear.model_linear(packed)(x, packed.layers[0].qkv_proj, None)
+    assert torch.equal(y, quant_linear._ROUTE_FNS[dequant](x, packed.layers[0].qkv_proj))
+    assert cpu_linear.plan_of(packed.lm_head).onednn is not None   # oneDNN from 32 rows
