@@ -35,6 +35,7 @@ from tokenizer_svc.validation import validate_request_id
 log = logging.getLogger("tokenizer_svc")
 PROTOCOL = "http"
 REQUEST_ID_HEADER = "x-request-id"
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 Result = TypeVar("Result")
 Choices = AsyncIterator[tuple[int, OutputDelta]]
 
@@ -301,6 +302,8 @@ def build_app(core: FrontendCore, is_serving: Callable[[], bool]) -> AccessGate:
 
     async def on_validation_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
+        if request.url.path in GENERATE_PATHS:  # a failed generation request, never in the core
+            core.metrics.requests_total.labels("invalid_argument", PROTOCOL).inc()
         return validation_error_response(error)
 
     async def on_http_error(request: Request, error: Exception) -> Response:
