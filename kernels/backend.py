@@ -10,11 +10,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import reference
-from kernels.quant import QuantizedWeight, has_quantized, quantized_linear
 from kernels.cpu import layer_loop as cpu_layer_loop
 from kernels.cpu import linear as cpu_linear
 from kernels.cpu import ops as cpu_ops
@@ -61,23 +59,6 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def _unchanged(weights: ModelWeightsView) -> ModelWeightsView:
-    """Triton: projections stay plain [out, in] tensors."""
-    return weights
-
-
-def _any_linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
-    """Triton: F.linear (cuBLAS) for a plain weight, the quantized product for a quantized one."""
-    if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def _model_linear(weights: ModelWeightsView) -> LinearFn:
-    """Triton: F.linear for plain projections; with any quantized one, a product taking both."""
-    return _any_linear if has_quantized(weights) else F.linear
-
-
 def _no_layer_loop(config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
                    scale: float) -> None:
     """Triton: the layers run one kernel call at a time (CUDA graphs remove the overhead)."""
@@ -103,6 +84,7 @@ def get_ops(backend: str) -> KernelOps:
             argmax_rows=cpu_ops.argmax_rows,
         )
     if backend == "triton":
+        from kernels.triton import quant_gemm, quant_pack
         from kernels.triton.decode_attention import decode_attention
         from kernels.triton.prefill_attention import prefill_attention
         from kernels.triton.rmsnorm import rms_norm
@@ -120,8 +102,9 @@ def get_ops(backend: str) -> KernelOps:
             rope_and_store_kv=reference.rope_then_store(apply_rope, store_kv),
             prefill_attention=prefill_attention,
             decode_attention=decode_attention,
-            prepare_weights=_unchanged,
-            model_linear=_model_linear,
+            # quantized projections packed once for the W8A16/W4A16 GEMM; plain ones stay
+            prepare_weights=quant_pack.prepare_weights,
+            model_linear=quant_gemm.model_linear,
             layer_loop=_no_layer_loop,
             argmax_rows=reference.argmax_rows,
         )
