@@ -1,4 +1,5 @@
-"""Every decoder layer in one C call (kernels/cpu/csrc/forward_layers.c) for bf16 models on CPU.
+"""Every decoder layer in one C call (kernels/cpu/csrc/forward_layers.c) for bf16 models on CPU,
+their projections bf16 or weight-only int8/int4 (kernels/cpu/quant_linear.py).
 
 The C loop runs the kernels the Python loop in `LlamaModel._layers` (engine_svc/models/llama.py)
 would call, in its order and on the same values, so logits are identical; it saves the per-layer
@@ -8,8 +9,9 @@ tests/engine/test_native_layers.py holds the two loops to bit-for-bit equality.
 
 Where the measured GEMM choice (kernels/cpu/gemm_choice.py) picks oneDNN for a projection at
 the step's row count, the C loop calls back into Python for that projection (oneDNN on the
-weight's twin, as `linear.chosen_linear` does in the Python loop): one ctypes callback per
-layer and projection, only at the row counts where oneDNN won.
+weight's twin, as `linear.chosen_linear` does in the Python loop; for a quantized weight its
+"dense" route): one ctypes callback per layer and projection, only at the row counts where
+oneDNN won. A quantized weight's VNNI and panel routes run in C, as quant_linear would.
 """
 from __future__ import annotations
 
@@ -19,18 +21,21 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.cpu import linear, native, ops
+from kernels.cpu import linear, native, ops, quant_linear
+from kernels.cpu.quant_linear import PackedQuant
 from kernels.model_view import KVCacheView, ModelConfigView, ModelWeightsView, StepBatchView
 
 _ERRORS = {-1: (IndexError, "a pool row of a new token is outside the pool"),
            -2: (IndexError, "a position is outside the RoPE table"),
            -3: (IndexError, "a slot or sequence length is outside the request table"),
            -4: (RuntimeError, "pool attention: unsupported sizes or out of memory"),
-           -5: (RuntimeError, "a projection through oneDNN failed")}
+           -5: (RuntimeError, "a projection through oneDNN failed"),
+           -6: (MemoryError, "a quantized projection ran out of memory")}
 
 
 class NativeLayerLoop:
-    """Runs all decoder layers of a packed bf16 model through forward_layers."""
+    """Runs all decoder layers of a packed bf16 (or weight-only quantized) model through
+    forward_layers."""
 
     def __init__(self, config: ModelConfigView, weights: ModelWeightsView, cos_sin: Tensor,
                  scale: float, lib: ctypes.CDLL) -> None:
@@ -52,9 +57,8 @@ class NativeLayerLoop:
         KernelOps offers it (the Triton backend's layer_loop is always None)."""
         if os.environ.get("LLMSERVE_CPU_LAYERS", "native") == "python":
             return None
-        if not isinstance(weights.lm_head, Tensor) or linear.linear_for(weights.lm_head) not in (
-                linear.native_linear, linear.chosen_linear):
-            return None   # not packed by linear.pack_native (all or none are)
+        if not all(_same_kind(weights, name) for name in linear.PROJECTIONS):
+            return None   # packed neither for the C bf16 kernel nor the quantized ones
         for layer in weights.layers:
             for vector in (layer.input_norm, layer.post_norm, layer.qkv_bias):
                 if vector is not None and (vector.dtype != torch.bfloat16
@@ -82,8 +86,8 @@ class NativeLayerLoop:
         ptr = _ptr
         layers = (native.LayerTensors * len(self.weights.layers))(*[
             native.LayerTensors(ptr(w.input_norm), ptr(w.qkv_proj), ptr(w.qkv_bias),
-                                    ptr(w.o_proj), ptr(w.post_norm), ptr(w.gate_up_proj),
-                                    ptr(w.down_proj), ptr(k), ptr(v))
+                                ptr(w.o_proj), ptr(w.post_norm), ptr(w.gate_up_proj),
+                                ptr(w.down_proj), ptr(k), ptr(v), _quantized_bits(w))
             for w, k, v in zip(self.weights.layers, cache.k, cache.v)])
         cfg = self.config
         stack = native.LayerStack(
@@ -115,7 +119,8 @@ class NativeLayerLoop:
         hooked = self.hooked_mask(tokens)
         step = native.StepTensors(tokens, *(t.data_ptr() for t in (
             positions, out_rows, slots, seq_lens, hidden, residual, normed, qkv, attn, gate_up,
-            act)), hooked, ctypes.cast(self._hook, ctypes.c_void_p) if hooked else None)
+            act)), hooked, ctypes.cast(self._hook, ctypes.c_void_p) if hooked else None,
+            self.dequant_mask(tokens))
         # (x, y) of qkv, o, gate_up, down, as forward_layers.c passes them to gemm_bf16
         self._io = [(normed, qkv), (attn, hidden), (normed, gate_up), (act, hidden)]
         self._hook_error = None
@@ -128,17 +133,37 @@ class NativeLayerLoop:
             raise error(f"forward_layers: {message}") from self._hook_error
         return hidden, residual
 
+    def _routes(self, rows: int) -> list[str | None]:
+        """Each projection's quantized route at this row count (None: a bf16 projection)."""
+        first = self.weights.layers[0]
+        return [quant_linear.route_for(weight, rows, torch.bfloat16)
+                if isinstance(weight, PackedQuant) else None
+                for weight in (getattr(first, name) for name in linear.PROJECTIONS)]
+
     def hooked_mask(self, rows: int) -> int:
-        """Bit i set: projection i (qkv, o, gate_up, down) goes to oneDNN at this row count."""
+        """Bit i set: projection i (qkv, o, gate_up, down) goes to oneDNN at this row count
+        (a bf16 weight's twin, or a quantized weight's dense route)."""
+        routes = self._routes(rows)
         return sum(1 << which for which, plans in enumerate(self.plans)
-                   if plans is not None and plans[0].picks_onednn(rows))
+                   if routes[which] == "dense"
+                   or (plans is not None and plans[0].picks_onednn(rows)))
+
+    def dequant_mask(self, rows: int) -> int:
+        """Bit i set: quantized projection i goes through dequantized panels at this row count."""
+        return sum(1 << which for which, route in enumerate(self._routes(rows))
+                   if route == "panel")
 
     def _run_hook(self, layer: int, which: int) -> int:
         """forward_layers' callback: projection `which` of `layer` through oneDNN."""
         try:
             x, y = self._io[which]
-            bias = self.weights.layers[layer].qkv_bias if which == 0 else None
-            y.copy_(linear.packed_linear(x, self.plans[which][layer].onednn, bias))
+            weights = self.weights.layers[layer]
+            bias = weights.qkv_bias if which == 0 else None
+            weight = getattr(weights, linear.PROJECTIONS[which])
+            if isinstance(weight, PackedQuant):
+                y.copy_(quant_linear.dense_linear(x, weight, bias))
+            else:
+                y.copy_(linear.packed_linear(x, self.plans[which][layer].onednn, bias))
             return 0
         except BaseException as error:   # noqa: BLE001 - C cannot take it: re-raised in run
             self._hook_error = error
@@ -157,14 +182,34 @@ class NativeLayerLoop:
         return slots.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
 
 
+def _same_kind(weights: ModelWeightsView, name: str) -> bool:
+    """Whether projection `name` is packed for the C kernels in every layer, all bf16 or all
+    quantized with the same routes (the step's masks are per projection, not per layer)."""
+    projections = [getattr(layer, name) for layer in weights.layers]
+    if all(isinstance(w, PackedQuant) for w in projections):
+        return len({w.routes for w in projections}) == 1
+    return all(isinstance(w, Tensor) and w.dim() == 3 and w.dtype == torch.bfloat16
+               for w in projections)
+
+
+def _quantized_bits(layer) -> int:
+    """Bit i set: projection i of this layer is a quantized weight."""
+    return sum(1 << which for which, name in enumerate(linear.PROJECTIONS)
+               if isinstance(getattr(layer, name), PackedQuant))
+
+
 def _layer_plans(weights: ModelWeightsView, name: str) -> list[linear.ProjectionPlan] | None:
     """Every layer's plan for projection `name`, or None when that shape has no oneDNN twins."""
-    plans = [linear.plan_of(getattr(layer, name)) for layer in weights.layers]
+    projections = [getattr(layer, name) for layer in weights.layers]
+    plans = [linear.plan_of(w) if isinstance(w, Tensor) else None for w in projections]
     if any(plan is None or plan.onednn is None for plan in plans):
         return None
     return plans  # type: ignore[return-value]
 
 
-def _ptr(tensor: Tensor | None) -> int | None:
+def _ptr(tensor: Tensor | PackedQuant | None) -> int | None:
+    """A tensor's data, a quantized weight's quant_weight struct (kept alive by the weight)."""
+    if isinstance(tensor, PackedQuant):
+        return ctypes.addressof(tensor.struct)
     return tensor.data_ptr() if tensor is not None else None
 

@@ -124,7 +124,7 @@ class LayerTensors(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "qkv_proj", "qkv_bias", "o_proj", "post_norm", "gate_up_proj", "down_proj",
-        "k_cache", "v_cache")]
+        "k_cache", "v_cache")] + [("quantized", ctypes.c_int64)]
 
 
 class LayerStack(ctypes.Structure):
@@ -144,7 +144,8 @@ class StepTensors(ctypes.Structure):
 
     _fields_ = [("tokens", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
         "positions", "out_rows", "slots", "seq_lens", "hidden", "residual", "normed", "qkv",
-        "attn", "gate_up", "act")] + [("hooked", ctypes.c_int64), ("hook", ctypes.c_void_p)]
+        "attn", "gate_up", "act")] + [("hooked", ctypes.c_int64), ("hook", ctypes.c_void_p),
+                                      ("dequant", ctypes.c_int64)]
 
 
 # gemm_hook in forward_layers.c: (layer, which projection) -> 0 on success
