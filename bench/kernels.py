@@ -3,7 +3,10 @@
 Reports time (triton.testing.do_bench, median), achieved GB/s (memory-bound kernels) or TFLOP/s
 (prefill attention) and the fraction of this device's measured peak: a 1 GiB device-to-device copy
 for bandwidth, an 8192^3 bf16 matmul for compute. Prefill attention is also compared with
-torch.nn.functional.scaled_dot_product_attention on contiguous K/V (no pool, no prefix).
+torch.nn.functional.scaled_dot_product_attention on contiguous K/V (no pool, no prefix). The
+W8A16 / W4A16 GEMMs (kernels/triton/quant_gemm.py, group 32) run every projection of the model at
+1, 16, 256 and 2048 rows against bf16 F.linear on the same weight: GB/s at 1 and 16 rows (decode
+reads every weight byte once), TFLOP/s above, and the speedup over bf16 (bench/quant_gemm_bench.py).
 
     python bench/kernels.py [--model smollm2-135m|llama3-8b|all] [--json bench/results/kernels.json]
     python bench/kernels.py --interpret      # tiny shapes through the Triton interpreter (CPU smoke run)
@@ -245,6 +248,28 @@ def bench_decode(b: Bench) -> None:
            bytes_moved=kv_bytes)
 
 
+def bench_quant_gemm(b: Bench) -> None:
+    """W8A16 / W4A16 Triton GEMM vs bf16 F.linear (cuBLAS) on the same weight, per projection
+    and row count (the interpreter: 1 and 16 rows, projections whose K splits into groups)."""
+    from bench.quant_gemm_bench import ROW_COUNTS, cases, projections
+
+    s = b.shape
+    shapes = projections(s.hidden, s.intermediate, s.q_heads, s.kv_heads, s.head_dim)
+    for case in cases(shapes, ROW_COUNTS if b.on_cuda else (1, 16), b.dtype, b.device):
+        name = f"{case.label} m{case.rows}"
+        decode = case.rows <= 16   # bandwidth-bound: GB/s; above, math-bound: TFLOP/s
+        ours_cost = {"bytes_moved": case.ours_bytes} if decode else {"flops": case.flops}
+        bf16_cost = {"bytes_moved": case.bf16_bytes} if decode else {"flops": case.flops}
+        b.add(name, "triton", case.ours, diff=case.max_abs_diff, **ours_cost)
+        b.add(name, "torch", case.bf16, note=f"(F.linear, {str(b.dtype).removeprefix('torch.')})",
+              **bf16_cost)
+        ours, bf16 = b.results[-2], b.results[-1]
+        ours.extra = {"rows": case.rows, "speedup_vs_f_linear": bf16.ms / ours.ms,
+                      "rel_error": case.rel_error}
+        print(f"  {'':22s} speedup over F.linear {bf16.ms / ours.ms:5.2f}x, rel error "
+              f"{case.rel_error:.1e}")
+
+
 def _finite(value):
     """NaN (no measured peak in the interpreter) becomes null, so the file is strict JSON."""
     if isinstance(value, float) and value != value:
@@ -298,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_prefill(bench, [0] * len(shape.prefill_new), "")
         bench_prefill(bench, shape.prefill_prefix, "+prefix")
         bench_decode(bench)
+        bench_quant_gemm(bench)
         results.extend(bench.results)
     if args.json:
         payload = {"device": device_name, "versions": _versions(), "command": " ".join(sys.argv),
