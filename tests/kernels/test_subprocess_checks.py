@@ -15,7 +15,7 @@ from tests.kernels.conftest import IN_PROCESS_INTERPRETER, INTERPRET, REPO_ROOT
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 INTERPRETER_TEST_FILES = ["tests/kernels/test_triton_elementwise.py", "tests/kernels/test_triton_attention.py",
-                          "tests/kernels/test_backend.py"]
+                          "tests/kernels/test_backend.py", "tests/kernels/test_triton_quant_gemm.py"]
 
 
 def _run(args: list[str], interpret: bool) -> subprocess.CompletedProcess:
@@ -63,7 +63,8 @@ def test_bench_smoke_run_in_interpreter(tmp_path: Path) -> None:
     payload = json.loads(out.read_text())
     assert payload["versions"]["triton"] == triton.__version__
     kernels = {(row["kernel"], row["impl"]) for row in payload["results"]}
-    for name in ("rms_norm+residual", "apply_rope", "silu_and_mul", "store_kv", "prefill_attn", "decode_attn"):
+    for name in ("rms_norm+residual", "apply_rope", "silu_and_mul", "store_kv", "prefill_attn", "decode_attn",
+                 "w8a16 qkv m1", "w4a16 gate_up m16"):
         assert {(name, "triton"), (name, "torch")} <= kernels
     diffs = [row["max_abs_diff"] for row in payload["results"] if row["impl"] == "triton"]
     assert all(diff is not None and diff < 0.2 for diff in diffs), diffs  # bf16 through the interpreter
