@@ -19,6 +19,7 @@ the engine's prefill time goes instead.
 
     python bench/cold_ttft.py --json bench/results/cold_ttft_cpu.json
     python bench/cold_ttft.py --chunk-sizes 512 2048 4096 --repeats 3
+    python bench/cold_ttft.py --env-variants LLMSERVE_CPU_PREFILL_BLOCKS=0   # kernel A/B
     python bench/cold_ttft.py --profile
 """
 from __future__ import annotations
@@ -186,9 +187,49 @@ def one_repeat(clients: dict[str, ServiceClient], model, text: str, run: Run) ->
     run.others_cores.append(load.others_cores)
 
 
+def parse_env_variant(text: str) -> tuple[str, str]:
+    """'NAME=VALUE' -> (NAME, VALUE), for --env-variants."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def engine_configs(chunk_sizes: Sequence[int], variants: Sequence[tuple[str, str]]
+                   ) -> list[tuple[str, int, tuple[str, str] | None]]:
+    """(label, chunk size, environment variable or None) of every engine to start: one per
+    chunk size, and one more per chunk size and variant."""
+    configs: list[tuple[str, int, tuple[str, str] | None]] = []
+    for chunk in chunk_sizes:
+        configs.append((f"_chunk{chunk}", chunk, None))
+        configs.extend((f"_chunk{chunk}_{name}={value}", chunk, (name, value))
+                       for name, value in variants)
+    return configs
+
+
+def start_services(args: argparse.Namespace, chunk: int, variant: tuple[str, str] | None,
+                   log_dir: Path) -> Services:
+    """Engine + tokenizer service at this chunk size, with `variant` set in their
+    environment (only theirs)."""
+    engine_args = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
+                   "--max-num-batched-tokens", str(chunk), *args.engine_args]
+    if variant is None:
+        return Services(args.model, engine_args, args.threads, log_dir)
+    name, value = variant
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return Services(args.model, engine_args, args.threads, log_dir)
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def measure(args: argparse.Namespace, windows: list[str]) -> Run:
-    """Start the services (one per chunk size), warm every side on windows[0], then time
-    windows[1:] one repeat at a time."""
+    """Start the services (one per chunk size and variant), warm every side on windows[0],
+    then time windows[1:] one repeat at a time."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -202,11 +243,9 @@ def measure(args: argparse.Namespace, windows: list[str]) -> Run:
     with asyncio.Runner() as runner:
         try:
             clients: dict[str, ServiceClient] = {}
-            for chunk in args.chunk_sizes:
-                engine_args = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-                               "--max-num-batched-tokens", str(chunk), *args.engine_args]
-                services.append(Services(args.model, engine_args, args.threads, log_dir))
-                clients[f"_chunk{chunk}"] = ServiceClient(runner, services[-1].address)
+            for label, chunk, variant in engine_configs(args.chunk_sizes, args.env_variants):
+                services.append(start_services(args, chunk, variant, log_dir))
+                clients[label] = ServiceClient(runner, services[-1].address)
             one_repeat(clients, model, windows[0], Run())   # warm-up, not kept
             for index, text in enumerate(windows[1:], 1):
                 one_repeat(clients, model, text, run)
@@ -236,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads here and OMP_NUM_THREADS of the services")
     p.add_argument("--engine-args", type=shlex.split, default=[],
                    help="more engine_svc arguments, one string (e.g. '--no-adaptive-threads')")
+    p.add_argument("--env-variants", type=parse_env_variant, nargs="+", default=[],
+                   metavar="NAME=VALUE",
+                   help="per chunk size, one more engine per variant with this environment "
+                        "variable set, timed side by side (e.g. LLMSERVE_CPU_PREFILL_BLOCKS=0)")
     p.add_argument("--no-hf", action="store_true", help="services only")
     p.add_argument("--profile", action="store_true",
                    help="instead: where one cold prefill's time goes, in process "
@@ -290,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info, "threads": threads, "model": str(args.model),
             "text": str(args.text), "target_tokens": args.target_tokens,
             "chunk_sizes": args.chunk_sizes, "engine_args": args.engine_args,
+            "env_variants": [f"{name}={value}" for name, value in args.env_variants],
             "prompt_tokens": run.prompt_tokens, "seconds": run.seconds,
             "cached_prompt_tokens": run.cached_tokens, "others_cores": run.others_cores,
             "summary": summary, "notes": sorted(set(run.notes))}, indent=2) + "\n")

@@ -2,12 +2,13 @@
 the medians and ratios of the summary, and the profile's prefill steps."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from bench.cold_ttft import (DEFAULT_TEXT, build_windows, summarize, window_starts,
-                             window_text)
+from bench.cold_ttft import (DEFAULT_TEXT, build_windows, engine_configs, parse_env_variant,
+                             summarize, window_starts, window_text)
 from bench.cold_ttft_profile import chunks_of
 
 
@@ -70,3 +71,16 @@ def test_chunks_of_a_prompt() -> None:
     assert chunks_of(2670, 2048) == [(0, 2048), (2048, 622)]
     assert chunks_of(2670, 4096) == [(0, 2670)]
     assert chunks_of(1024, 512) == [(0, 512), (512, 512)]
+
+
+def test_engine_configs_one_per_chunk_size_and_variant() -> None:
+    assert parse_env_variant("LLMSERVE_CPU_PREFILL_BLOCKS=0") == ("LLMSERVE_CPU_PREFILL_BLOCKS",
+                                                                  "0")
+    assert parse_env_variant("A=") == ("A", "")
+    for bad in ("A", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_env_variant(bad)
+    assert engine_configs([2048], []) == [("_chunk2048", 2048, None)]
+    assert engine_configs([512, 2048], [("X", "0")]) == [
+        ("_chunk512", 512, None), ("_chunk512_X=0", 512, ("X", "0")),
+        ("_chunk2048", 2048, None), ("_chunk2048_X=0", 2048, ("X", "0"))]
