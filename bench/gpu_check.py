@@ -13,6 +13,8 @@ Steps (q: also in --quick, ~2 min; the full run aims at ~8 min on an H200):
   kernel_tests     pytest tests/kernels on CUDA (compiled kernels vs the torch reference)
   kernel_sweep q   prefill/decode attention: bf16/fp16/fp32, head_dim 64/128, GQA 1/3/4/8,
                    lengths across tile and split edges; poisoned outputs, no NaN, vs reference
+  quant_gemm q     W8A16/W4A16 GEMM vs the torch oracle: int8, Q8_0-, int4, Q4_1-like, group
+                   32/64, bf16/fp16/fp32, rows 1..2048 across tile and split edges (q: bf16)
   compiles q       a mixed workload compiles nothing after start-up; registers/spills/shared
   parity q         greedy tokens vs transformers on CUDA: fp32 5/5 (required), bf16 (reported)
   graphs q         CUDA-graph decode == eager for every bucket with n < bucket (logits, tokens)
@@ -20,6 +22,8 @@ Steps (q: also in --quick, ~2 min; the full run aims at ~8 min on an H200):
   memory           predicted vs measured peak of a worst-case step at 0.95 utilization
   prefill_perf     TFLOP/s vs F.scaled_dot_product_attention (8K causal; 2K after 30K)
   decode_perf q    GB/s vs the copy bandwidth, batch 1/64 x context 1K/8K/32K (q: 64 x 8K)
+  quant_perf q     W8A16/W4A16 GEMM vs bf16 F.linear at Llama-3-8B's projections, rows
+                   1/16/256/2048: speedup, GB/s vs the copy rate (q: gate_up, down at 1/2048)
   engine_8b q      Llama-3-8B-shaped dummy engine, batch 1/32/256 (q: 1): step vs weight roofline
   torch_backend    --backend torch on CUDA starts (no capture) and generates
 
@@ -101,16 +105,19 @@ class Step:
 def _steps() -> list[Step]:
     from bench import gpu_check_engine as engine
     from bench import gpu_check_kernels as kernels
+    from bench import gpu_check_quant as quant
 
     return [Step("env", kernels.env_step, True, 60), Step("model", engine.model_step, True, 120),
             Step("kernel_tests", kernels.kernel_tests_step, False, 240),
             Step("kernel_sweep", kernels.kernel_sweep_step, True, 180),
+            Step("quant_gemm", quant.quant_gemm_step, True, 240),
             Step("compiles", engine.compiles_step, True, 120),
             Step("parity", engine.parity_step, True, 150), Step("graphs", engine.graphs_step, True, 120),
             Step("sync_debug", engine.sync_debug_step, True, 60),
             Step("memory", engine.memory_step, False, 120),
             Step("prefill_perf", kernels.prefill_perf_step, False, 90),
             Step("decode_perf", kernels.decode_perf_step, True, 90),
+            Step("quant_perf", quant.quant_perf_step, True, 120),
             Step("engine_8b", engine.engine_8b_step, True, 240),
             Step("torch_backend", engine.torch_backend_step, False, 90)]
 

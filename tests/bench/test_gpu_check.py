@@ -15,8 +15,8 @@ from bench import gpu_check
 from bench.gpu_check import CheckFailed, Context, Report, Step, render_table, run_steps
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["env", "model", "kernel_tests", "kernel_sweep", "compiles", "parity", "graphs", "sync_debug",
-         "memory", "prefill_perf", "decode_perf", "engine_8b", "torch_backend"]
+STEPS = ["env", "model", "kernel_tests", "kernel_sweep", "quant_gemm", "compiles", "parity", "graphs",
+         "sync_debug", "memory", "prefill_perf", "decode_perf", "quant_perf", "engine_8b", "torch_backend"]
 
 
 def _sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -38,6 +38,8 @@ def test_dry_run_runs_every_step_and_writes_one_json(tmp_path):
     assert set(status.values()) == {"passed"}
     steps = {s["name"]: s for s in doc["steps"]}
     assert steps["kernel_sweep"]["result"]["cases"] == 2
+    assert steps["quant_gemm"]["result"]["cases"] == 2
+    assert len(steps["quant_perf"]["result"]["cases"]) == 4   # w8a16 / w4a16 x qkv / gate_up
     assert steps["parity"]["result"]["float32"] == {"equal": 5, "of": 5, "first_divergence": [None] * 5}
     assert doc["versions"]["torch"] and doc["command"].startswith("bench/gpu_check.py")
     log = (tmp_path / "gpu_check.log").read_text()
