@@ -1,7 +1,7 @@
 """Triton W8A16 / W4A16 GEMM (kernels/triton/quant_gemm.py) against the torch oracle
 kernels.quant.quantized_linear at odd shapes, its packing (kernels/triton/quant_pack.py), and the
-Triton backend running a tiny model with quantized projections against the torch backend (CPU
-interpreter / CUDA).
+Triton backend running a tiny model with quantized projections against the torch backend's ops
+with the oracle's products (CPU interpreter / CUDA).
 
 Tolerances are relative to the largest output: fp32 is exact up to summation order; bf16/fp16
 also round each dequantized weight to the activation dtype (the interpreter rounds bf16 by
@@ -56,8 +56,8 @@ def _fp16_exact(values: torch.Tensor) -> torch.Tensor:
 
 def make_weight(fmt: str, out_features: int, in_features: int, group: int) -> quant.QuantizedWeight:
     """int8 / int4: quantized from a float weight (fp32 scales; int4 symmetric, offsets -8 s).
-    q8_0 / q4_1: GGUF-like random levels with fp16 scales (q4_1: and fp16 offsets, the block
-    minimum: nonzero, unrelated to the scale)."""
+    q8_0 / q4_1: GGUF-like random levels with fp16 scales (q4_1: and fp16 offsets like a block
+    minimum: -4..-12 scales, not the symmetric -8)."""
     groups = in_features // group
     if fmt in ("int8", "int4"):
         dense = torch.randn(out_features, groups, group) * _group_factors(out_features, groups)[..., None]
