@@ -182,16 +182,19 @@ def ratio_table(results: list[Measurement]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'scenario':16} {'method':14} {'dtype':9} {'tok/s':>9} {'x HF seq':>9} "
-            f"{'x HF batch':>10} {'x engine':>9} {'exact':>6} {'agree':>6} {'others':>6}  note")
+    head = (f"{'scenario':16} {'method':14} {'dtype':9} {'tok/s':>9} {'TTFT p50':>9} "
+            f"{'x HF seq':>9} {'x HF batch':>10} {'x engine':>9} {'exact':>6} {'agree':>6} "
+            f"{'others':>6}  note")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         ratios = [f"{r[k]:.2f}" if r[k] is not None else "-"
                   for k in ("x_vs_hf_sequential", "x_vs_hf_batched", "x_vs_engine")]
         agree = f"{r['agree_with_hf']:.2f}" if r["agree_with_hf"] is not None else "-"
+        ttft = r["extra"].get("ttft_ms", {}).get("p50")   # engine and service rows only
+        ttft_text = f"{ttft:.0f} ms" if ttft is not None else "-"
         print(f"{r['scenario']:16} {r['method']:14} {r['dtype']:9} {r['tokens_per_s']:9.1f} "
-              f"{ratios[0]:>9} {ratios[1]:>10} {ratios[2]:>9} {str(r['exact_counts']):>6} "
-              f"{agree:>6} {r['others_cores']:6.2f}  {r['note']}")
+              f"{ttft_text:>9} {ratios[0]:>9} {ratios[1]:>10} {ratios[2]:>9} "
+              f"{str(r['exact_counts']):>6} {agree:>6} {r['others_cores']:6.2f}  {r['note']}")
 
 
 def ttft_overheads(rows: list[dict]) -> list[dict]:

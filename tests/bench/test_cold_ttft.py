@@ -84,3 +84,18 @@ def test_engine_configs_one_per_chunk_size_and_variant() -> None:
     assert engine_configs([512, 2048], [("X", "0")]) == [
         ("_chunk512", 512, None), ("_chunk512_X=0", 512, ("X", "0")),
         ("_chunk2048", 2048, None), ("_chunk2048_X=0", 2048, ("X", "0"))]
+
+
+def test_vs_hf_table_shows_ttft_p50_beside_tokens_per_s(capsys: pytest.CaptureFixture) -> None:
+    """Issue 17's other TTFT figure (p50 at 32 concurrent) comes from bench/vs_hf.py's table."""
+    from bench.vs_hf import print_table
+
+    row = {"scenario": "concurrent_32", "method": "service", "dtype": "bfloat16",
+           "tokens_per_s": 498.3, "x_vs_hf_sequential": 18.5, "x_vs_hf_batched": 2.03,
+           "x_vs_engine": 0.91, "exact_counts": True, "agree_with_hf": 0.9, "others_cores": 0.1,
+           "note": "", "extra": {"ttft_ms": {"p50": 1241.47}}}
+    print_table([row, {**row, "method": "hf_batched", "extra": {}}])
+    lines = capsys.readouterr().out.splitlines()
+    assert "TTFT p50" in lines[1]
+    assert "498.3" in lines[3] and "1241 ms" in lines[3]
+    assert lines[4].split()[4] == "-"   # transformers rows have no TTFT
