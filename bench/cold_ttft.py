@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -164,12 +165,17 @@ def hf_forward(model, ids: list[int], last_only: bool) -> float:
         return time.perf_counter() - start
 
 
-def one_repeat(clients: dict[str, ServiceClient], model, text: str, run: Run) -> None:
-    """Every side once on this window: each engine cold, then cached, then transformers."""
+def one_repeat(clients: dict[str, ServiceClient], model, text: str, run: Run,
+               reverse: bool = False) -> None:
+    """Every side once on this window: each engine cold, then cached, then transformers; with
+    `reverse`, transformers first and the engines in reverse order (so that no side always
+    runs first or last)."""
     ids = next(iter(clients.values())).tokenize(text)
     run.prompt_tokens.append(len(ids))
     with OtherLoad() as load:
-        for label, client in clients.items():
+        if reverse:
+            _transformers(model, ids, run)
+        for label, client in (reversed(clients.items()) if reverse else clients.items()):
             for side in ("cold", "cached"):
                 record = client.first_token(text)
                 run.add(f"{side}{label}", record.ttft_s)
@@ -181,10 +187,15 @@ def one_repeat(clients: dict[str, ServiceClient], model, text: str, run: Run) ->
                 if record.prompt_tokens != len(ids):
                     run.notes.append(f"{side}{label}: the engine saw {record.prompt_tokens} "
                                      f"prompt tokens, Tokenize gave {len(ids)}")
-        if model is not None:
-            run.add("hf_forward", hf_forward(model, ids, last_only=False))
-            run.add("hf_last", hf_forward(model, ids, last_only=True))
+        if not reverse:
+            _transformers(model, ids, run)
     run.others_cores.append(load.others_cores)
+
+
+def _transformers(model, ids: list[int], run: Run) -> None:
+    if model is not None:
+        run.add("hf_forward", hf_forward(model, ids, last_only=False))
+        run.add("hf_last", hf_forward(model, ids, last_only=True))
 
 
 def parse_env_variant(text: str) -> tuple[str, str]:
@@ -248,7 +259,7 @@ def measure(args: argparse.Namespace, windows: list[str]) -> Run:
                 clients[label] = ServiceClient(runner, services[-1].address)
             one_repeat(clients, model, windows[0], Run())   # warm-up, not kept
             for index, text in enumerate(windows[1:], 1):
-                one_repeat(clients, model, text, run)
+                one_repeat(clients, model, text, run, reverse=index % 2 == 0)
                 print(f"  repeat {index}: " + "  ".join(
                     f"{side} {values[-1] * 1e3:7.0f} ms" for side, values in run.seconds.items())
                       + f"  (others {run.others_cores[-1]:.2f} cores)", flush=True)
@@ -301,6 +312,8 @@ def print_summary(summary: dict, run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (timeout, kill) -> SystemExit, so the services are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     threads = set_threads(args.threads)
     if args.profile:
         from bench.cold_ttft_profile import profile_main
