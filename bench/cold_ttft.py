@@ -14,8 +14,10 @@ repeat takes, side by side, one new window through:
               engine and transformers' generate compute them)
 Medians per side, and cold / hf_forward both of the medians and per repeat (paired). The 1-minute
 load average at start and end and the cores other processes kept busy are in the output: on a
-shared machine compare ratios, not seconds. --profile (bench/cold_ttft_profile.py) says where
-the engine's prefill time goes instead.
+shared machine compare ratios, not seconds, and note that transformers' OpenMP threads collapse
+when a neighbour takes a core (--max-others waits for an idle machine; --threads 1 is immune).
+The timed sides are in bench/cold_ttft_runners.py; --profile (bench/cold_ttft_profile.py) says
+where the engine's prefill time goes instead.
 
     python bench/cold_ttft.py --json bench/results/cold_ttft_cpu.json
     python bench/cold_ttft.py --chunk-sizes 512 2048 4096 --repeats 3
@@ -25,21 +27,17 @@ the engine's prefill time goes instead.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
 import signal
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import OtherLoad, Services, machine_info, set_threads  # noqa: E402
+from bench.common import add_quiet_machine_args, machine_info, set_threads  # noqa: E402
 
 DEFAULT_MODEL = "models/smollm2-135m-instruct"
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -99,105 +97,7 @@ def summarize(seconds: dict[str, list[float]], baseline: str = "hf_forward",
             "target_met": met}
 
 
-# ---- measuring -----------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Run:
-    """Every side's seconds per repeat and what each gRPC request reported."""
-
-    seconds: dict[str, list[float]] = field(default_factory=dict)
-    prompt_tokens: list[int] = field(default_factory=list)
-    cached_tokens: dict[str, list[int]] = field(default_factory=dict)
-    others_cores: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, side: str, seconds: float) -> None:
-        self.seconds.setdefault(side, []).append(seconds)
-
-
-class ServiceClient:
-    """One gRPC channel to a service's public address, on a loop kept for the whole run."""
-
-    def __init__(self, runner: asyncio.Runner, address: str) -> None:
-        import grpc
-
-        from llmserve.v1 import generate_pb2_grpc as pb_grpc
-
-        self.runner = runner
-        self.channel = runner.run(self._open(grpc, address))
-        self.stub = pb_grpc.TextGenerationStub(self.channel)
-
-    @staticmethod
-    async def _open(grpc, address: str):
-        return grpc.aio.insecure_channel(address)
-
-    def tokenize(self, text: str) -> list[int]:
-        from llmserve.v1 import generate_pb2 as pb
-
-        async def call() -> list[int]:
-            reply = await self.stub.Tokenize(pb.TokenizeRequest(text=text), timeout=60)
-            return list(reply.token_ids)
-
-        return self.runner.run(call())
-
-    def first_token(self, text: str):
-        """One Generate of one token: the bench/serve.py record (ttft_s, cached tokens)."""
-        from bench.serve import LoadSpec, Prompt, send_one
-
-        record = self.runner.run(send_one(self.stub, Prompt(text, 0), LoadSpec(1, output_len=1),
-                                          0))
-        if record.error or not record.token_ids:
-            raise RuntimeError(f"Generate failed: {record.error or 'no token'}")
-        return record
-
-    def close(self) -> None:
-        self.runner.run(self.channel.close())
-
-
-def hf_forward(model, ids: list[int], last_only: bool) -> float:
-    """Seconds of one transformers forward over ids (no generate, no cache kept)."""
-    import torch
-
-    input_ids = torch.tensor([ids])  # [1, tokens]
-    extra = {"logits_to_keep": 1} if last_only else {}
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model(input_ids=input_ids, use_cache=False, **extra)
-        return time.perf_counter() - start
-
-
-def one_repeat(clients: dict[str, ServiceClient], model, text: str, run: Run,
-               reverse: bool = False) -> None:
-    """Every side once on this window: each engine cold, then cached, then transformers; with
-    `reverse`, transformers first and the engines in reverse order (so that no side always
-    runs first or last)."""
-    ids = next(iter(clients.values())).tokenize(text)
-    run.prompt_tokens.append(len(ids))
-    with OtherLoad() as load:
-        if reverse:
-            _transformers(model, ids, run)
-        for label, client in (reversed(clients.items()) if reverse else clients.items()):
-            for side in ("cold", "cached"):
-                record = client.first_token(text)
-                run.add(f"{side}{label}", record.ttft_s)
-                run.cached_tokens.setdefault(f"{side}{label}", []).append(
-                    record.cached_prompt_tokens)
-                if side == "cold" and record.cached_prompt_tokens:
-                    run.notes.append(f"cold{label}: {record.cached_prompt_tokens} prompt tokens "
-                                     "were cached")
-                if record.prompt_tokens != len(ids):
-                    run.notes.append(f"{side}{label}: the engine saw {record.prompt_tokens} "
-                                     f"prompt tokens, Tokenize gave {len(ids)}")
-        if not reverse:
-            _transformers(model, ids, run)
-    run.others_cores.append(load.others_cores)
-
-
-def _transformers(model, ids: list[int], run: Run) -> None:
-    if model is not None:
-        run.add("hf_forward", hf_forward(model, ids, last_only=False))
-        run.add("hf_last", hf_forward(model, ids, last_only=True))
-
-
+# ---- engines to start (pure) ------------------------------------------------------------------
 def parse_env_variant(text: str) -> tuple[str, str]:
     """'NAME=VALUE' -> (NAME, VALUE), for --env-variants."""
     name, sep, value = text.partition("=")
@@ -217,58 +117,6 @@ def engine_configs(chunk_sizes: Sequence[int], variants: Sequence[tuple[str, str
                        for name, value in variants)
     return configs
 
-
-def start_services(args: argparse.Namespace, chunk: int, variant: tuple[str, str] | None,
-                   log_dir: Path) -> Services:
-    """Engine + tokenizer service at this chunk size, with `variant` set in their
-    environment (only theirs)."""
-    engine_args = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-                   "--max-num-batched-tokens", str(chunk), *args.engine_args]
-    if variant is None:
-        return Services(args.model, engine_args, args.threads, log_dir)
-    name, value = variant
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return Services(args.model, engine_args, args.threads, log_dir)
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
-
-
-def measure(args: argparse.Namespace, windows: list[str]) -> Run:
-    """Start the services (one per chunk size and variant), warm every side on windows[0],
-    then time windows[1:] one repeat at a time."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    model = None if args.no_hf else AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.bfloat16).eval()
-    log_dir = Path(tempfile.mkdtemp(prefix="llmserve-cold-ttft-"))
-    services: list[Services] = []
-    run = Run()
-    with asyncio.Runner() as runner:
-        try:
-            clients: dict[str, ServiceClient] = {}
-            for label, chunk, variant in engine_configs(args.chunk_sizes, args.env_variants):
-                services.append(start_services(args, chunk, variant, log_dir))
-                clients[label] = ServiceClient(runner, services[-1].address)
-            one_repeat(clients, model, windows[0], Run())   # warm-up, not kept
-            for index, text in enumerate(windows[1:], 1):
-                one_repeat(clients, model, text, run, reverse=index % 2 == 0)
-                print(f"  repeat {index}: " + "  ".join(
-                    f"{side} {values[-1] * 1e3:7.0f} ms" for side, values in run.seconds.items())
-                      + f"  (others {run.others_cores[-1]:.2f} cores)", flush=True)
-            for client in clients.values():
-                client.close()
-        finally:
-            for service in services:
-                service.close()
-    return run
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -291,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per chunk size, one more engine per variant with this environment "
                         "variable set, timed side by side (e.g. LLMSERVE_CPU_PREFILL_BLOCKS=0)")
     p.add_argument("--no-hf", action="store_true", help="services only")
+    add_quiet_machine_args(p, "repeat")
     p.add_argument("--profile", action="store_true",
                    help="instead: where one cold prefill's time goes, in process "
                         "(bench/cold_ttft_profile.py)")
@@ -298,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_summary(summary: dict, run: Run) -> None:
+def print_summary(summary: dict, notes: list[str]) -> None:
     for side, ms in summary["median_ms"].items():
         ratio = summary["x_vs_hf_forward"].get(side)
         ratio_text = (f"  {ratio['of_medians']:.2f}x hf_forward (paired "
@@ -306,7 +155,7 @@ def print_summary(summary: dict, run: Run) -> None:
         print(f"{side:18} median {ms:8.1f} ms{ratio_text}")
     for side, met in summary["target_met"].items():
         print(f"{side}: {'meets' if met else 'misses'} the <= {TARGET_RATIO}x target")
-    for note in sorted(set(run.notes)):
+    for note in sorted(set(notes)):
         print("note:", note)
 
 
@@ -323,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     encode = lambda text: (lambda e: (e.ids, e.offsets))(tokenizer.encode(text))  # noqa: E731
+    tries = args.repeats * ((args.retries + 1) if args.max_others is not None else 1)
     windows = build_windows(args.text.read_text(encoding="utf-8"), encode, args.target_tokens,
-                            args.repeats + 1)
+                            tries + 1)
     info = machine_info()
     print(f"{info['cpu']}, {args.threads} threads, load {info['load_average_1m_at_start']:.2f}; "
           f"prompts of ~{args.target_tokens} tokens from {args.text}; chunk sizes "
           f"{args.chunk_sizes}", flush=True)
+    from bench.cold_ttft_runners import measure
+
     run = measure(args, windows)
     info["load_average_1m_at_end"] = os.getloadavg()[0]
     baseline = "hf_forward" if not args.no_hf else f"cold_chunk{args.chunk_sizes[0]}"
@@ -336,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_hf:
         print({side: round(ms, 1) for side, ms in summary["median_ms"].items()})
     else:
-        print_summary(summary, run)
+        print_summary(summary, run.notes)
     print(f"load average {info['load_average_1m_at_start']:.2f} -> "
           f"{info['load_average_1m_at_end']:.2f}; others kept "
           f"{max(run.others_cores):.2f} cores busy at most")
