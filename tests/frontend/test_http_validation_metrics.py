@@ -30,7 +30,8 @@ def test_malformed_generation_bodies_count_as_invalid_argument_http_requests() -
             tokenize = await raw.post(s.http_url + "/tokenize", json={"prompt": 5})
             assert tokenize.status_code == 400   # not a generation request: not counted
             assert invalid._value.get() == len(MALFORMED)  # noqa: SLF001
-            assert metrics.requests_total.labels("invalid_argument", "grpc")._value.get() == 0  # noqa: SLF001
+            grpc_invalid = metrics.requests_total.labels("invalid_argument", "grpc")
+            assert grpc_invalid._value.get() == 0  # noqa: SLF001
             await client(s).completions.create(model=MODEL, prompt="x")
             assert ok._value.get() == 1  # noqa: SLF001
             assert invalid._value.get() == len(MALFORMED)  # noqa: SLF001
