@@ -7,9 +7,9 @@ A `QuantizedWeight` stands for an [out, in] weight split along `in` into groups 
 - kind "int8": q in [-127, 127] as int8 [out, in]; offsets is None (symmetric). GGUF Q8_0 is
   this kind with group 32 (its fp16 scales widened to float32, exactly).
 - kind "int4": q in [0, 15] as uint8 [out, in // 2], element 2j in the low nibble of byte j and
-  element 2j + 1 in the high nibble; offsets float32 [out, in // group_size]. Symmetric int4 has
-  offsets = -8 * scales; GGUF Q4_0 (d * (q - 8)) is the same; GGUF Q4_1 (d * q + m) has
-  offsets = m.
+  element 2j + 1 in the high nibble; offsets float32 [out, in // group_size]. `quantize_int4`
+  makes offsets = the group's minimum by default (as GGUF Q4_1, d * q + m, has offsets = m);
+  its symmetric form, like GGUF Q4_0 (d * (q - 8)), has offsets = -8 * scales.
 
 Loaders (engine_svc/weights.py for `--quantization int8|int4`, the GGUF reader for the GGUF's
 own tensors) build these on the CPU; a backend's `prepare_weights` packs them into its own layout
@@ -104,14 +104,23 @@ def quantize_int8(weight: Tensor, group_size: int = 32) -> QuantizedWeight:
                            group_size)
 
 
-def quantize_int4(weight: Tensor, group_size: int = 32) -> QuantizedWeight:
-    """Symmetric int4 per group: scale = max|w| / 7, q = clamp(round(w / scale), -8, 7) + 8."""
+def quantize_int4(weight: Tensor, group_size: int = 32, symmetric: bool = False) -> QuantizedWeight:
+    """int4 per group. Default (asymmetric, GGUF Q4_1's form): scale = (max - min) / 15,
+    offset = min, q = round((w - min) / scale), so both ends of every group are exact.
+    symmetric=True (GGUF Q4_0's form): scale = max|w| / 7, q = clamp(round(w / scale), -8, 7) + 8,
+    offset = -8 * scale. Measured on SmolLM2-135M (bench/perplexity.py, group 32): symmetric
+    raised perplexity 1.32x over bf16, asymmetric 1.001x; the kernels take both at one cost."""
     groups = _groups(weight, group_size)
-    scales = groups.abs().amax(dim=2) / (INT4_ZERO - 1)               # [out, groups]
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(groups / safe.unsqueeze(2)).clamp_(-INT4_ZERO, INT4_ZERO - 1) + INT4_ZERO
+    if symmetric:
+        scales = groups.abs().amax(dim=2) / (INT4_ZERO - 1)           # [out, groups]
+        offsets = -INT4_ZERO * scales
+    else:
+        offsets = groups.amin(dim=2)                                  # [out, groups]
+        scales = (groups.amax(dim=2) - offsets) / INT4_LEVELS
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(2)
+    q = torch.round((groups - offsets.unsqueeze(2)) / safe).clamp_(0, INT4_LEVELS)
     return QuantizedWeight("int4", pack_int4(q.to(torch.uint8).reshape(weight.shape)),
-                           scales.contiguous(), (-INT4_ZERO * scales).contiguous(), group_size)
+                           scales.contiguous(), offsets.contiguous(), group_size)
 
 
 def quantize(weight: Tensor, kind: str, group_size: int = 32) -> QuantizedWeight:

@@ -61,7 +61,10 @@ def make_weight(fmt: str, out_features: int, in_features: int, group: int) -> qu
     groups = in_features // group
     if fmt in ("int8", "int4"):
         dense = torch.randn(out_features, groups, group) * _group_factors(out_features, groups)[..., None]
-        return quant.quantize(dense.reshape(out_features, in_features), fmt, group)
+        dense = dense.reshape(out_features, in_features)
+        if fmt == "int4":
+            return quant.quantize_int4(dense, group, symmetric=True)
+        return quant.quantize(dense, fmt, group)
     scales = _fp16_exact(_group_factors(out_features, groups) / 64)
     if fmt == "q8_0":
         levels = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)

@@ -7,26 +7,32 @@ import torch
 from kernels import quant
 
 
-@pytest.mark.parametrize("kind", quant.QUANT_KINDS)
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4 symmetric"])
 @pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
 def test_round_trip_error_is_at_most_half_a_step(kind: str, group_size: int) -> None:
     torch.manual_seed(0)
     weight = torch.randn(48, 3 * group_size) * torch.rand(48, 1) * 4   # rows of varied range
     weight[5] = 0.0                                                   # an all-zero row
-    packed = quant.quantize(weight, kind, group_size)
+    if kind == "int4 symmetric":
+        packed = quant.quantize_int4(weight, group_size, symmetric=True)
+        assert torch.equal(packed.offsets, -8 * packed.scales)
+    else:
+        packed = quant.quantize(weight, kind, group_size)
     quant.check(packed)
     assert packed.shape == (48, 3 * group_size)
     restored = quant.dequantize(packed)
     step = packed.scales.repeat_interleave(group_size, dim=1)          # [out, in]
     assert torch.all((restored - weight).abs() <= step / 2 + 1e-6)
     assert torch.all(restored[5] == 0)
-    # the extreme of every group is exact (symmetric: the max magnitude maps to +-127 or 7)
+    # the extreme of every group is exact
     groups = weight.reshape(48, 3, group_size)
     where = groups.abs().argmax(dim=2, keepdim=True)
     extremes = groups.gather(2, where)
     restored_extremes = restored.reshape(48, 3, group_size).gather(2, where)
-    # int8: +-max -> +-127 steps; int4: +max -> level 15 (7 steps up), -max -> level 1
+    # int8: +-max -> +-127 steps; int4: min -> level 0, max -> 15; symmetric int4: +-max -> +-7
     assert (restored_extremes - extremes).abs().max() < 1e-5
+    if kind == "int4":   # asymmetric: the minimum is exact too
+        assert (restored.reshape(48, 3, -1).amin(2) - groups.amin(2)).abs().max() < 1e-5
 
 
 def test_int4_nibbles_hold_even_elements_low_and_odd_high() -> None:
