@@ -1,26 +1,36 @@
-"""bf16 projections on CPU: the C kernel (kernels/cpu/csrc/gemm_bf16.c) against oneDNN, side by side.
+"""CPU projections side by side: the bf16 C kernel (kernels/cpu/csrc/gemm_bf16.c), oneDNN, and
+weight-only int8 / int4 (kernels/cpu/csrc/gemm_quant.c: the VNNI kernel and the dequantized
+bf16 panels), at SmolLM2-135M's projection shapes.
 
 For each projection of the model (qkv, o_proj, gate_up, down: one distinct weight per layer, so
 weights come from memory as in a forward pass; lm_head once) and each row count (1 = one decode
 stream, 32 = a decode batch, 2048 = a prefill chunk), times oneDNN on its once-reordered weights
 (what the engine used before) and the C kernel on its packed weights, alternating, best of
---repeats. Prints ms, GFLOP/s and the ratio; --json saves them.
+--repeats. With --quant (default) the same shapes quantized (kernels.quant, group --group) run
+through the VNNI kernel and the panel route in the same alternation, each format rotating over
+at least --layers distinct weights and enough to spill the last-level cache twice (a decode step
+reads every weight from memory), so no format is timed from cache. Prints ms and each one's
+speed relative to the C bf16 kernel, with the load other processes put on the machine meanwhile;
+--json saves them.
 --chooser instead runs the engine's per-shape choice (kernels/cpu/gemm_choice.py) on weights of
 the model's shapes, measured anew (not read from its cache), and prints its table and cost.
 
-    python bench/cpu_gemm.py --rows 1 8 32 256 2048 --json bench/results/cpu_gemm.json
+    python bench/cpu_gemm.py --rows 1 8 32 256 2048 --json bench/results/cpu_gemm_quant.json
     python bench/cpu_gemm.py --chooser
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, set_threads  # noqa: E402
+from bench.common import (OtherLoad, add_quiet_machine_args, machine_info,  # noqa: E402
+                          set_threads, wait_for_quiet)
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 + 2 * 3 heads of 64, vocab 49152, 30 layers
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate_up_proj": (3072, 576),
@@ -37,30 +47,91 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def bench_shape(name: str, rows: int, layers: int, repeats: int) -> dict[str, float]:
+def _copies(count: int, bytes_per_weight: int, cache_bytes: int) -> int:
+    """Distinct weights to rotate over: `count`, and enough to spill the cache twice."""
+    return max(count, math.ceil(2 * cache_bytes / bytes_per_weight))
+
+
+def _formats(name: str, layers: int, quant: bool, group: int, cache_bytes: int) -> dict:
+    """Format -> (product, weights to rotate over) for one shape, every format over at least
+    `layers` distinct weights (lm_head: 1) and enough to spill the cache twice (copies of
+    `layers` random ones: the values do not matter to the time, the memory they sit in does)."""
     import torch
 
     from kernels.cpu import linear as cpu_linear
+    from kernels.cpu import quant_linear
+    from kernels.quant import quantize
 
     out_features, in_features = SHAPES[name]
     count = 1 if name == "lm_head" else layers
-    weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.05
-               for _ in range(count)]
-    onednn = [cpu_linear.prepack(w) for w in weights]
-    native = [cpu_linear.pack_native(w) for w in weights]
+    generator = torch.Generator().manual_seed(0)
+    originals = [torch.randn(out_features, in_features, generator=generator) * 0.05
+                 for _ in range(count)]
+
+    def rotation(pack, copy) -> list:
+        distinct = [pack(w) for w in originals]
+        copies = _copies(count, _nbytes(distinct[0]), cache_bytes)
+        return distinct + [copy(distinct[i % count]) for i in range(count, copies)]
+
+    bf16 = rotation(lambda w: w.bfloat16(), torch.clone)
+    formats = {"onednn": (cpu_linear.packed_linear, [cpu_linear.prepack(w) for w in bf16]),
+               "native": (cpu_linear.native_linear, [cpu_linear.pack_native(w) for w in bf16])}
+    del bf16
+    if quant:
+        for kind in ("int8", "int4"):
+            packed = rotation(lambda w, kind=kind: quant_linear.pack(quantize(w, kind, group)),
+                              _clone_quant)
+            if quant_linear.vnni_available():
+                formats[kind] = (quant_linear.vnni_linear, packed)
+            formats[f"{kind}_panel"] = (quant_linear.panel_linear, packed)
+    return formats
+
+
+def _nbytes(weight) -> int:
+    return weight.nbytes if hasattr(weight, "nbytes") else weight.numel() * weight.element_size()
+
+
+def _clone_quant(weight):
+    """A PackedQuant with its own copy of every tensor."""
+    from kernels.cpu.quant_linear import PackedQuant
+
+    offsets = weight.offsets.clone() if weight.offsets is not None else None
+    return PackedQuant(weight.kind, weight.group_size, weight.data.clone(),
+                       weight.scales.clone(), offsets, weight.unscale, weight.routes)
+
+
+def bench_shape(name: str, rows: int, layers: int, repeats: int, quant: bool = False,
+                group: int = 32, cache_bytes: int = 32 << 20) -> dict[str, float]:
+    """ms per call of every format at one shape and row count, alternating (best of repeats,
+    twice over), with each one's speed relative to the C bf16 kernel."""
+    import torch
+
+    out_features, in_features = SHAPES[name]
+    formats = _formats(name, layers, quant, group, cache_bytes)
     x = torch.randn(rows, in_features, dtype=torch.bfloat16)
-    seconds = {"onednn": float("inf"), "native": float("inf")}
-    for _ in range(2):   # alternate, so drift on the machine hits both
-        seconds["onednn"] = min(seconds["onednn"], best_seconds(
-            lambda: [cpu_linear.packed_linear(x, w) for w in onednn], repeats))
-        seconds["native"] = min(seconds["native"], best_seconds(
-            lambda: [cpu_linear.native_linear(x, w) for w in native], repeats))
-    flops = 2.0 * rows * out_features * in_features * count
-    return {"projection": name, "rows": rows, "weights": count,
-            "onednn_ms": seconds["onednn"] * 1e3, "native_ms": seconds["native"] * 1e3,
-            "onednn_gflops": flops / seconds["onednn"] / 1e9,
-            "native_gflops": flops / seconds["native"] / 1e9,
-            "speedup": seconds["onednn"] / seconds["native"]}
+    seconds = {fmt: float("inf") for fmt in formats}
+    with OtherLoad() as load:
+        for _ in range(2):   # alternate, so drift on the machine hits every format
+            for fmt, (product, weights) in formats.items():
+                per_call = best_seconds(lambda: [product(x, w) for w in weights], repeats)
+                seconds[fmt] = min(seconds[fmt], per_call / len(weights))
+    flops = 2.0 * rows * out_features * in_features
+    result = {"projection": name, "rows": rows, "weights": len(formats["native"][1]),
+              "onednn_weights": len(formats["onednn"][1]),
+              "onednn_ms": seconds["onednn"] * 1e3, "native_ms": seconds["native"] * 1e3,
+              "onednn_gflops": flops / seconds["onednn"] / 1e9,
+              "native_gflops": flops / seconds["native"] / 1e9,
+              "speedup": seconds["onednn"] / seconds["native"],
+              "other_load_cores": round(load.others_cores, 2)}
+    for fmt, (_, weights) in formats.items():
+        if fmt in ("onednn", "native"):
+            continue
+        result[f"{fmt}_ms"] = seconds[fmt] * 1e3
+        result[f"{fmt}_vs_bf16"] = seconds["native"] / seconds[fmt]   # > 1: faster than C bf16
+        result[f"{fmt}_weights"] = len(weights)
+        result[f"{fmt}_gbps"] = weights[0].nbytes / seconds[fmt] / 1e9
+    result["native_gbps"] = 2.0 * out_features * in_features / seconds["native"] / 1e9
+    return result
 
 
 def run_chooser(layers: int) -> dict:
@@ -89,6 +160,52 @@ def run_chooser(layers: int) -> dict:
         "seconds": table.seconds, "noisy": table.noisy(), "truncated": table.truncated()}
 
 
+QUANT_COLUMNS = ("int8", "int8_panel", "int4", "int4_panel")
+
+
+def quiet_bench_shape(args: argparse.Namespace, name: str, rows: int,
+                      cache_bytes: int) -> dict[str, float]:
+    """bench_shape; with --max-others, after an idle moment, again while others were busy."""
+    tries = args.retries + 1 if args.max_others is not None else 1
+    for attempt in range(tries):
+        if args.max_others is not None:
+            wait_for_quiet(args.quiet_wait)
+        result = bench_shape(name, rows, args.layers, args.repeats, args.quant, args.group,
+                             cache_bytes)
+        result["attempts"] = attempt + 1
+        if args.max_others is None or result["other_load_cores"] <= args.max_others:
+            break
+    return result
+
+
+def run_table(args: argparse.Namespace, cache_bytes: int) -> list[dict]:
+    """Every shape at every row count: one line each (ms and speed relative to C bf16), and
+    a step's sum per row count."""
+    quant_head = "".join(f"{name:>12}" for name in QUANT_COLUMNS) if args.quant else ""
+    print(f"{'projection':<14}{'rows':>6}{'C bf16 ms':>11}{'oneDNN':>9}{quant_head}"
+          f"{'others':>8}   (x: speed relative to the C bf16 kernel; others: busy cores)")
+    results = []
+    for rows in args.rows:
+        totals: dict[str, float] = {}
+        for name in SHAPES:
+            result = quiet_bench_shape(args, name, rows, cache_bytes)
+            results.append(result)
+            for key, value in result.items():
+                if key.endswith("_ms"):
+                    totals[key] = totals.get(key, 0.0) + value
+            cells = "".join(f"{result[f'{c}_vs_bf16']:>11.2f}x" if f"{c}_ms" in result
+                            else f"{'-':>12}" for c in QUANT_COLUMNS) if args.quant else ""
+            print(f"{name:<14}{rows:>6}{result['native_ms']:>11.3f}"
+                  f"{result['native_ms'] / result['onednn_ms']:>8.2f}x{cells}"
+                  f"{result['other_load_cores']:>8.2f}", flush=True)
+        base = totals["native_ms"]
+        cells = "".join(f"{base / totals[f'{c}_ms']:>11.2f}x" if f"{c}_ms" in totals
+                        else f"{'-':>12}" for c in QUANT_COLUMNS) if args.quant else ""
+        print(f"{'all (a step)':<14}{rows:>6}{base:>11.3f}{base / totals['onednn_ms']:>8.2f}x"
+              f"{cells}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="distinct weights per projection, as layers of a model (default 30)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls, best kept (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="OpenMP/torch threads (default 2)")
+    parser.add_argument("--quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time int8 and int4 (the VNNI kernel and the dequantized "
+                        "panels); --no-quant: bf16 only")
+    parser.add_argument("--group", type=int, default=32, choices=(32, 64),
+                        help="quantization group size (default 32, as GGUF's blocks)")
     parser.add_argument("--json", type=Path, help="write the results to this file")
+    add_quiet_machine_args(parser, "shape and row count")
     args = parser.parse_args(argv)
     if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
         parser.error("--rows, --layers and --repeats must be >= 1")
@@ -118,24 +241,20 @@ def main(argv: list[str] | None = None) -> int:
                                              "chooser": chosen}, indent=1) + "\n")
             print(f"wrote {args.json}")
         return 0
-    results = []
-    print(f"{'projection':<14}{'rows':>6}{'oneDNN ms':>11}{'C ms':>9}{'oneDNN GF/s':>13}"
-          f"{'C GF/s':>9}{'C speedup':>11}")
-    for rows in args.rows:
-        totals = {"onednn_ms": 0.0, "native_ms": 0.0}
-        for name in SHAPES:
-            result = bench_shape(name, rows, args.layers, args.repeats)
-            results.append(result)
-            totals = {key: totals[key] + result[key] for key in totals}
-            print(f"{name:<14}{rows:>6}{result['onednn_ms']:>11.2f}{result['native_ms']:>9.2f}"
-                  f"{result['onednn_gflops']:>13.0f}{result['native_gflops']:>9.0f}"
-                  f"{result['speedup']:>10.2f}x", flush=True)
-        print(f"{'all (a step)':<14}{rows:>6}{totals['onednn_ms']:>11.2f}{totals['native_ms']:>9.2f}"
-              f"{'':>22}{totals['onednn_ms'] / totals['native_ms']:>10.2f}x", flush=True)
+    from kernels.cpu import gemm_choice
+
+    cache_bytes = gemm_choice.last_level_cache_bytes()
+    load_start = os.getloadavg()[0]
+    results = run_table(args, cache_bytes)
+    info = {**machine_info(), "load_average_1m_at_start": load_start,
+            "load_average_1m_at_end": os.getloadavg()[0], "last_level_cache_bytes": cache_bytes}
+    print(f"CPU: {info['cpu']}, {threads['OMP_NUM_THREADS']} threads; load average "
+          f"{load_start:.2f} at start, {info['load_average_1m_at_end']:.2f} at end")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_info(), "threads": threads,
-                                         "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"machine": info, "threads": threads,
+                                         "group_size": args.group, "results": results},
+                                        indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -107,9 +107,24 @@ int dequantize_weight(const quant_weight *w, void *out, int is_bf16) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#include <omp.h>
 
-#define QTILE_ROWS 4
+#ifndef QTILE_ROWS
+#define QTILE_ROWS 4        /* rows x blocks of 16 columns per tile: 2 x 8 + 8 accumulators */
+#endif
+#ifndef QTILE_BLOCKS
 #define QTILE_BLOCKS 2
+#endif
+#ifndef QDECODE_BLOCKS
+#define QDECODE_BLOCKS 4    /* one row (a decode step): wider tiles, one group epilogue each */
+#endif
+#ifndef QPREFETCH
+#define QPREFETCH 1         /* the first row tile of a panel prefetches the next panel (L2) */
+#endif
+#ifndef QPREFETCH_SCALES
+#define QPREFETCH_SCALES 1
+#endif
+#define QMAX_BLOCKS (QTILE_BLOCKS > QDECODE_BLOCKS ? QTILE_BLOCKS : QDECODE_BLOCKS)
 #define QCHUNK_BYTES (256 * 1024)   /* quantized activation rows per chunk: about this many */
 
 int gemm_quant_available(void) { return 1; }
@@ -168,7 +183,7 @@ static inline __attribute__((always_inline)) void quant_tile(
     const int rows, const int blocks, const int kind,
     const int8_t *xq, const float *xs, const int32_t *xsum,
     const quant_weight *w, int64_t block, const void *bias, void *y, int64_t y_row_stride,
-    int is_bf16)
+    int is_bf16, const uint8_t *next, int next_blocks)
 {
     const int64_t in = w->in, groups = in / w->group;
     const int64_t unit = kind == QUANT_INT8 ? 4 : 8;          /* features per 64-byte load */
@@ -177,19 +192,25 @@ static inline __attribute__((always_inline)) void quant_tile(
     const uint16_t *scales = w->scales + block * groups * 16;
     const uint16_t *offsets = w->offsets ? w->offsets + block * groups * 16 : 0;
     const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(0x0f);
-    __m512 acc[QTILE_ROWS][QTILE_BLOCKS];
+    __m512 acc[QTILE_ROWS][QMAX_BLOCKS];
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < blocks; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512i dot[QTILE_ROWS][QTILE_BLOCKS], wsum[QTILE_BLOCKS];
+        /* int4 with few accumulators: low and high nibbles into separate ones, so two
+         * dependency chains per accumulator pair hide vpdpbusd's latency (integers: exact) */
+        const int split = kind == QUANT_INT4 && rows * blocks <= 4;
+        __m512i dot[QTILE_ROWS][QMAX_BLOCKS], dot_hi[QTILE_ROWS][QMAX_BLOCKS], wsum[QMAX_BLOCKS];
         for (int j = 0; j < blocks; j++) {
             wsum[j] = _mm512_setzero_si512();
-            for (int i = 0; i < rows; i++) dot[i][j] = _mm512_setzero_si512();
+            for (int i = 0; i < rows; i++) dot[i][j] = dot_hi[i][j] = _mm512_setzero_si512();
         }
         for (int64_t u = g * per_group; u < (g + 1) * per_group; u++) {
-            __m512i wv[QTILE_BLOCKS];
+            __m512i wv[QMAX_BLOCKS];
             for (int j = 0; j < blocks; j++)
                 wv[j] = _mm512_loadu_si512((const void *)(data + (j * units + u) * 64));
+            if (next)   /* into L2: the hardware prefetcher alone leaves the first tile waiting */
+                for (int j = 0; j < next_blocks; j++)
+                    _mm_prefetch((const char *)(next + (j * units + u) * 64), _MM_HINT_T1);
             if (kind == QUANT_INT8) {
                 for (int j = 0; j < blocks; j++) wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
                 for (int i = 0; i < rows; i++) {
@@ -200,7 +221,7 @@ static inline __attribute__((always_inline)) void quant_tile(
                         dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], a, wv[j]);
                 }
             } else {
-                __m512i lo[QTILE_BLOCKS], hi[QTILE_BLOCKS];
+                __m512i lo[QMAX_BLOCKS], hi[QMAX_BLOCKS];
                 for (int j = 0; j < blocks; j++) {
                     lo[j] = _mm512_and_si512(wv[j], low);
                     hi[j] = _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), low);
@@ -211,11 +232,18 @@ static inline __attribute__((always_inline)) void quant_tile(
                     const __m512i a0 = _mm512_set1_epi32(four[0]), a1 = _mm512_set1_epi32(four[1]);
                     for (int j = 0; j < blocks; j++) {
                         dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], lo[j], a0);
-                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], hi[j], a1);
+                        if (split) dot_hi[i][j] = _mm512_dpbusd_epi32(dot_hi[i][j], hi[j], a1);
+                        else dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], hi[j], a1);
                     }
                 }
             }
         }
+        if (next && QPREFETCH_SCALES && g % 2 == 0)   /* the next panel's scales (offsets) */
+            for (int j = 0; j < next_blocks; j++) {
+                const int64_t at = ((block + blocks + j) * groups + g) * 16;
+                _mm_prefetch((const char *)(w->scales + at), _MM_HINT_T1);
+                if (offsets) _mm_prefetch((const char *)(w->offsets + at), _MM_HINT_T1);
+            }
         for (int j = 0; j < blocks; j++) {
             const int64_t at = (j * groups + g) * 16;
             const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
@@ -229,7 +257,9 @@ static inline __attribute__((always_inline)) void quant_tile(
             } else {
                 const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offsets + at)));
                 for (int i = 0; i < rows; i++) {
-                    const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][j]), s);
+                    const __m512i sum = split ? _mm512_add_epi32(dot[i][j], dot_hi[i][j])
+                                              : dot[i][j];
+                    const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), s);
                     const __m512 m = _mm512_mul_ps(_mm512_set1_ps((float)xsum[i * groups + g]), o);
                     const __m512 t = _mm512_add_ps(d, m);
                     acc[i][j] = _mm512_add_ps(acc[i][j],
@@ -252,35 +282,56 @@ static inline __attribute__((always_inline)) void quant_tile(
     }
 }
 
+/* the tile at rows [row, row + rows) x blocks [block, block + blocks), weight kind KIND (a
+ * constant in each expansion, so every tile shape is its own unrolled code) */
 #define QTILE(ROWS, BLOCKS)                                                                    \
     quant_tile(ROWS, BLOCKS, KIND, xq + row * in, xs + row * groups, xsum + row * groups, w,  \
-               block, bt, (char *)y + (row * y_row_stride + block * 16) * size, y_row_stride,  \
-               is_bf16)
-#define QTILE_FOR_ROWS(BLOCKS)                                                                 \
-    switch (rows) {                                                                            \
-    case 4: QTILE(4, BLOCKS); break;                                                           \
-    case 3: QTILE(3, BLOCKS); break;                                                           \
-    case 2: QTILE(2, BLOCKS); break;                                                           \
-    default: QTILE(1, BLOCKS); break;                                                          \
-    }
-
-/* every tile of rows [first, end) for one weight kind (a constant in each expansion) */
-#define QUANT_TILES(KIND_VALUE)                                                                \
-    do {                                                                                       \
+               block, bias ? (const char *)bias + block * 16 * size : 0,                     \
+               (char *)y + (row * y_row_stride + block * 16) * size, y_row_stride, is_bf16,   \
+               next, next_blocks)
+#define DEFINE_RUN_TILE(NAME, KIND_VALUE)                                                      \
+    static void NAME(const quant_weight *w, const int8_t *xq, const float *xs,                 \
+                     const int32_t *xsum, const void *bias, void *y, int64_t y_row_stride,     \
+                     int is_bf16, int64_t row, int rows, int64_t block, int blocks,            \
+                     const uint8_t *next, int next_blocks) {                                   \
         enum { KIND = KIND_VALUE };                                                            \
-        _Pragma("omp for collapse(2) schedule(static)")                                        \
-        for (int64_t panel = 0; panel < panels; panel++) {                                     \
-            for (int64_t tile = 0; tile < row_tiles; tile++) {                                 \
-                const int64_t block = panel * QTILE_BLOCKS, row = first + tile * QTILE_ROWS;   \
-                const int blocks = blocks_total - block < QTILE_BLOCKS                         \
-                                   ? (int)(blocks_total - block) : QTILE_BLOCKS;               \
-                const int rows = end - row < QTILE_ROWS ? (int)(end - row) : QTILE_ROWS;       \
-                const void *bt = bias ? (const char *)bias + block * 16 * size : 0;            \
-                if (blocks == 2) { QTILE_FOR_ROWS(2) }                                         \
-                else { QTILE_FOR_ROWS(1) }                                                     \
+        const int64_t in = w->in, groups = in / w->group, size = is_bf16 ? 2 : 4;              \
+        if (rows == 1) {                                                                       \
+            switch (blocks) {                                                                  \
+            case 4: QTILE(1, 4); break;                                                        \
+            case 3: QTILE(1, 3); break;                                                        \
+            case 2: QTILE(1, 2); break;                                                        \
+            default: QTILE(1, 1); break;                                                       \
+            }                                                                                  \
+        } else if (blocks == 2) {                                                              \
+            switch (rows) {                                                                    \
+            case 4: QTILE(4, 2); break;                                                        \
+            case 3: QTILE(3, 2); break;                                                        \
+            default: QTILE(2, 2); break;                                                       \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (rows) {                                                                    \
+            case 4: QTILE(4, 1); break;                                                        \
+            case 3: QTILE(3, 1); break;                                                        \
+            default: QTILE(2, 1); break;                                                       \
             }                                                                                  \
         }                                                                                      \
-    } while (0)
+    }
+DEFINE_RUN_TILE(run_tile_int8, QUANT_INT8)
+DEFINE_RUN_TILE(run_tile_int4, QUANT_INT4)
+
+/* Blocks per tile for one row: the widest (up to QDECODE_BLOCKS, at least 2) that splits the
+ * blocks most evenly over the threads (36 blocks on 2 threads: 3, not 4's 5 + 4 panels). */
+static int decode_blocks(int64_t blocks, int threads) {
+    int best = QDECODE_BLOCKS;
+    int64_t best_load = INT64_MAX;
+    for (int width = QDECODE_BLOCKS; width >= 2; width--) {
+        const int64_t panels = (blocks + width - 1) / width;
+        const int64_t load = (panels + threads - 1) / threads * width;   /* blocks, busiest */
+        if (load < best_load) { best_load = load; best = width; }
+    }
+    return best;
+}
 
 /* y [rows, out] = x [rows, in] @ W^T (+ bias [out]); x, bias and y bf16 (is_bf16) or fp32,
  * unit column strides. Returns 0, or -1 when out of memory. */
@@ -303,10 +354,15 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
         for (int64_t r = 0; r < rows_total; r++)
             quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group, shift,
                          w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
-    const int64_t panels = (blocks_total + QTILE_BLOCKS - 1) / QTILE_BLOCKS;
+    const int parallel = rows_total * w->out * in >= (int64_t)1 << 16;
+    const int tile_rows = rows_total == 1 ? 1 : QTILE_ROWS;
+    const int tile_blocks = rows_total == 1
+        ? decode_blocks(blocks_total, parallel ? omp_get_max_threads() : 1) : QTILE_BLOCKS;
+    const int64_t panels = (blocks_total + tile_blocks - 1) / tile_blocks;
+    const int64_t units = w->kind == QUANT_INT8 ? in / 4 : in / 8;   /* 64 bytes each */
     int64_t chunk = QCHUNK_BYTES / in / QTILE_ROWS * QTILE_ROWS;
     chunk = chunk < 16 * QTILE_ROWS ? 16 * QTILE_ROWS : chunk;
-    #pragma omp parallel if (rows_total * w->out * in >= (int64_t)1 << 16)
+    #pragma omp parallel if (parallel)
     {
         if (!small) {
             #pragma omp for schedule(static)
@@ -316,9 +372,25 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
         }
         for (int64_t first = 0; first < rows_total; first += chunk) {
             const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
-            const int64_t row_tiles = (end - first + QTILE_ROWS - 1) / QTILE_ROWS;
-            if (w->kind == QUANT_INT8) QUANT_TILES(QUANT_INT8);
-            else QUANT_TILES(QUANT_INT4);
+            const int64_t row_tiles = (end - first + tile_rows - 1) / tile_rows;
+            /* consecutive items share a panel: each thread streams its own panels */
+            #pragma omp for collapse(2) schedule(static)
+            for (int64_t panel = 0; panel < panels; panel++) {
+                for (int64_t tile = 0; tile < row_tiles; tile++) {
+                    const int64_t block = panel * tile_blocks, row = first + tile * tile_rows;
+                    const int blocks = blocks_total - block < tile_blocks
+                                       ? (int)(blocks_total - block) : tile_blocks;
+                    const int rows = end - row < tile_rows ? (int)(end - row) : tile_rows;
+                    const int64_t next_block = block + tile_blocks;
+                    const uint8_t *next = QPREFETCH && tile == 0 && next_block < blocks_total
+                                          ? w->data + next_block * units * 64 : 0;
+                    const int next_blocks = blocks_total - next_block < tile_blocks
+                                            ? (int)(blocks_total - next_block) : tile_blocks;
+                    (w->kind == QUANT_INT8 ? run_tile_int8 : run_tile_int4)(
+                        w, xq, xs, xsum, bias, y, y_row_stride, is_bf16, row, rows, block,
+                        blocks, next, next_blocks);
+                }
+            }
         }
     }
     free(xq); free(xs); free(xsum);
