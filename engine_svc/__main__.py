@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dummy = random weights for the config (benchmarks)")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4", "gguf"],
                    help="weights: none (all in --dtype); int8 / int4: every projection of any HF "
-                        "model quantized at load, weight-only with symmetric per-group scales, "
-                        "the LM head int8 (a tied one becomes its own int8 copy, as llama.cpp "
+                        "model quantized at load, weight-only, per group of "
+                        "--quantization-group-size weights (int8: a symmetric scale; int4: a "
+                        "scale and the group's minimum, GGUF Q4_1's form), the LM head int8 (a tied one becomes its own int8 copy, as llama.cpp "
                         "keeps its output tensor at higher precision); gguf: the GGUF's own "
                         "Q8_0 / Q4_0 / Q4_1 tensors as they are, from MODEL/model.gguf (kept "
                         "there by `make model`). Embeddings and norms stay in --dtype in every "
