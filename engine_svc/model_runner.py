@@ -81,6 +81,11 @@ class ModelRunner:
         self.model_config = model_config
         self.device = bind_device(resolve_device(config.device))   # cuda:N current from here on
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.quantization != "none" and self.device.type == "cpu" and \
+                self.dtype == torch.float16:
+            raise ValueError(f"--quantization {config.quantization} on CPU needs --dtype "
+                             "bfloat16 or float32 (the CPU's quantized products take those "
+                             "activations), got float16")
         log.info("dtype %s -> %s on %s%s", config.dtype, str(self.dtype).removeprefix("torch."),
                  self.device, " (native bf16 on this CPU; --dtype float32 for exact parity)"
                  if config.dtype == "auto" and self.dtype == torch.bfloat16

@@ -80,6 +80,7 @@ def test_bad_flag_combinations_exit_with_a_named_error(tiny_dir: Path, capsys) -
         (["--quantization", "gguf", "--quantization-group-size", "64"], "blocks of 32"),
         (["--quantization", "gguf", "--load-format", "dummy"], "--load-format dummy"),
         (["--quantization", "gguf"], "model.gguf not found"),
+        (["--quantization", "int8", "--dtype", "float16"], "needs --dtype bfloat16 or float32"),
     ]
     for flags, message in cases:
         code = engine_main(["--model", str(tiny_dir), "--device", "cpu", "--metrics-port", "-1",
