@@ -40,7 +40,7 @@ def load() -> ctypes.CDLL | None:
         lib.dequantize_weight.restype = i32
         lib.dequantize_weight.argtypes = [weight, ptr, i32]
         lib.quantize_rows.restype = i32
-        lib.quantize_rows.argtypes = [ptr, i64, i32, i64, i64, i64, i32, f32, ptr, ptr, ptr]
+        lib.quantize_rows.argtypes = [ptr, i64, i32, i64, i64, i64, f32, ptr, ptr, ptr]
         _declared.add(id(lib))
     return lib
 
@@ -92,17 +92,14 @@ def dequantize_weight(weight: QuantWeight, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def quantize_rows(x: Tensor, group: int, shift: bool,
-                  unscale: float) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_rows(x: Tensor, group: int, unscale: float) -> tuple[Tensor, Tensor, Tensor]:
     """gemm_quant's activation quantization alone, for x [rows, in] (unit column stride):
-    (q int8 [rows, in], stored + 128 when `shift`; scales float32 [rows, in / group];
-    sums of q int32 [rows, in / group])."""
+    (q int8 [rows, in]; scales float32 [rows, in / group]; sums of q int32 [rows, in / group])."""
     rows, width = x.shape
     q = torch.empty((rows, width), dtype=torch.int8)
     scales = torch.empty((rows, width // group), dtype=torch.float32)
     sums = torch.empty((rows, width // group), dtype=torch.int32)
     if load().quantize_rows(x.data_ptr(), x.stride(0), _DTYPES[x.dtype], rows, width, group,
-                            int(shift), unscale, q.data_ptr(), scales.data_ptr(),
-                            sums.data_ptr()):
+                            unscale, q.data_ptr(), scales.data_ptr(), sums.data_ptr()):
         raise RuntimeError("quantize_rows: no AVX512-VNNI build")
     return q, scales, sums

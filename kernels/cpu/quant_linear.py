@@ -16,6 +16,7 @@ the panel route, =onednn the dense one.
 Scales and offsets are packed as fp16 times a per-weight power of two (2^shift, chosen so the
 largest is near 2^14: fp16's normal range holds 2^28 below that): GGUF's fp16 scales stay exact,
 kernels.quant's own fp32 scales round by at most 2^-11 relative (1/16 of an int8 step).
+Symmetric int4 (offsets exactly -8 * scales: kernels.quant's own, GGUF Q4_0) packs no offsets.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ class PackedQuant:
 
     kind: str                   # "int8" | "int4"
     group_size: int             # input features per scale
-    data: Tensor                # uint8 [out / 16, in / 4 (int8) | in / 8 (int4), 64]
+    data: Tensor                # uint8 [out / 16, in / 4 (int8 + 128) | in / 8 (int4), 64]
     scales: Tensor              # fp16 bits as int16 [out / 16, in / group, 16], times 2^shift
-    offsets: Tensor | None      # as scales (int4), None (int8)
+    offsets: Tensor | None      # as scales (int4), None (int8; symmetric int4: -8 * scales)
     unscale: float              # 2^-shift
     routes: tuple[str, ...]     # per gemm_choice bucket: "vnni" | "panel" | "dense"
     struct: native_quant.QuantWeight = field(init=False)
@@ -103,7 +104,7 @@ def can_pack(weight: QuantizedWeight) -> bool:
 def _fp16_shift(weight: QuantizedWeight) -> int:
     """The power of two that puts the largest |scale| or |offset| just below 2^14."""
     top = weight.scales.abs().max().item()
-    if weight.offsets is not None:
+    if not symmetric(weight):
         top = max(top, weight.offsets.abs().max().item())
     if not top > 0 or not math.isfinite(top):
         return 0
@@ -118,6 +119,12 @@ def _per_block(values: Tensor, shift: int) -> Tensor:
         .view(torch.int16)
 
 
+def symmetric(weight: QuantizedWeight) -> bool:
+    """int8, or int4 whose offsets are exactly -8 * scales (kernels.quant's own, GGUF Q4_0):
+    packed without offsets, the kernels correct with an integer instead."""
+    return weight.offsets is None or torch.equal(weight.offsets, -8 * weight.scales)
+
+
 def pack(weight: QuantizedWeight, routes: tuple[str, ...] | None = None) -> PackedQuant:
     """A QuantizedWeight [out, in] -> the packed layout of csrc/gemm_quant.c (see its header)."""
     check(weight)
@@ -127,15 +134,15 @@ def pack(weight: QuantizedWeight, routes: tuple[str, ...] | None = None) -> Pack
                          "and the C library")
     out_features, in_features = weight.shape
     blocks = out_features // 16
-    if weight.kind == "int8":   # [blocks, 16, quads, 4] -> [blocks, quads, 16, 4]
-        levels = weight.qweight.view(torch.uint8).reshape(blocks, 16, in_features // 4, 4)
+    if weight.kind == "int8":   # + 128 (offset binary); [blocks, 16, quads, 4] -> [blocks, quads, 16, 4]
+        levels = (weight.qweight.view(torch.uint8) ^ 0x80).reshape(blocks, 16, in_features // 4, 4)
         data = levels.permute(0, 2, 1, 3).reshape(blocks, in_features // 4, 64)
     else:                       # [blocks, 16, octets, 2 halves, 4]: low nibble, high nibble
         levels = unpack_int4(weight.qweight).reshape(blocks, 16, in_features // 8, 2, 4)
         nibbles = levels[:, :, :, 0, :] | (levels[:, :, :, 1, :] << 4)
         data = nibbles.permute(0, 2, 1, 3).reshape(blocks, in_features // 8, 64)
     shift = _fp16_shift(weight)
-    offsets = _per_block(weight.offsets, shift) if weight.offsets is not None else None
+    offsets = None if symmetric(weight) else _per_block(weight.offsets, shift)
     return PackedQuant(weight.kind, weight.group_size, data.contiguous(),
                        _per_block(weight.scales, shift), offsets, math.ldexp(1.0, -shift),
                        routes or default_routes(os.environ.get("LLMSERVE_CPU_GEMM", "auto")))

@@ -3,21 +3,27 @@
  *
  * With AVX512-VNNI (vpdpbusd: 4 u8 x s8 products summed into each 32-bit lane) the activations
  * are quantized per row and per weight group to int8, as llama.cpp's q8 activations are:
- * q = round(x * 127 / max|x|), scale max|x| / 127. Per group the integer dot products are exact;
- * across groups they are summed in fp32 with the scales:
- *   int8 weights: u8 side = q + 128, s8 side = the weight; the +128 comes back out with the
- *                 group's weight sum (a vpdpbusd against ones, beside the product):
- *                 acc += float(dot - 128 * wsum) * (wscale * xscale)
- *   int4 weights: u8 side = the level 0..15, s8 side = q; w = wscale * level + woffset, so
- *                 acc += (float(dot) * wscale + float(sum q) * woffset) * xscale
+ * q = round(x * 127 / max|x|), scale max|x| / 127, sum = sum of q. The weights are the u8 side
+ * (each column's own lanes), the activations the broadcast s8 side. Per group the integer dot
+ * products are exact; across groups they are summed in fp32 with the scales:
+ *   int8 weights: stored + 128 (offset binary, 1..255), so dot - 128 * sum is the signed dot:
+ *                 acc += float(dot - 128 * sum) * (wscale * xscale)
+ *                 (the activation sums come with the quantization: no weight sums to read
+ *                 or compute)
+ *   int4 weights: the level 0..15; w = wscale * level + woffset, so
+ *                 acc += (float(dot) * wscale + float(sum) * woffset) * xscale
+ *                 or, symmetric (woffset = -8 wscale: kernels.quant's int4, GGUF Q4_0; packed
+ *                 without offsets), as int8 with 8 for 128:
+ *                 acc += float(dot - 8 * sum) * (wscale * xscale)
  * (tests/kernels/test_cpu_quant_gemm.py mirrors these steps in torch).
  *
  * Packed layout, blocks of 16 output columns like gemm_bf16.c, so every load is 64 bytes:
- *   int8: data[block][quad][column][4]    = W[16 block + column][4 quad + 0..3]
+ *   int8: data[block][quad][column][4]    = W[16 block + column][4 quad + 0..3] + 128
  *   int4: data[block][octet][column][4]   = level at 8 octet + 0..3 (low nibble) and
  *                                           8 octet + 4..7 (high nibble)
  *   scales, offsets: fp16 [block][group][column], times 2^shift (a per-weight power of two that
- *   keeps them in fp16's normal range; `unscale` = 2^-shift goes into the activation scale).
+ *   keeps them in fp16's normal range; `unscale` = 2^-shift goes into the activation scale);
+ *   offsets only for asymmetric int4 (GGUF Q4_1).
  *
  * gemm_dequant_bf16 instead dequantizes one panel of blocks at a time into gemm_bf16's layout
  * and runs its tiles (gemm_bf16_panels): the candidate the chooser weighs at large row counts.
@@ -68,16 +74,17 @@ static void dequantize_block(const quant_weight *w, int64_t block, float *out /*
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = (block * groups + g) * 16 + column;
             const float scale = half_to_float(w->scales[at]) * w->unscale;
-            const float offset = w->offsets ? half_to_float(w->offsets[at]) * w->unscale : 0.0f;
+            const float offset = w->offsets ? half_to_float(w->offsets[at]) * w->unscale
+                                            : -8.0f * scale;   /* symmetric int4 */
             for (int64_t i = g * w->group; i < (g + 1) * w->group; i++) {
                 float level;
                 if (w->kind == QUANT_INT8) {
-                    level = (float)(int8_t)data[(i / 4) * 64 + column * 4 + i % 4];
+                    level = (float)((int)data[(i / 4) * 64 + column * 4 + i % 4] - 128);
                 } else {
                     const uint8_t byte = data[(i / 8) * 64 + column * 4 + i % 4];
                     level = (float)(i % 8 < 4 ? byte & 0xf : byte >> 4);
                 }
-                row[i] = w->offsets ? scale * level + offset : scale * level;
+                row[i] = w->kind == QUANT_INT8 ? scale * level : scale * level + offset;
             }
         }
     }
@@ -110,10 +117,10 @@ int dequantize_weight(const quant_weight *w, void *out, int is_bf16) {
 #include <omp.h>
 
 #ifndef QTILE_ROWS
-#define QTILE_ROWS 4        /* rows x blocks of 16 columns per tile: 2 x 8 + 8 accumulators */
+#define QTILE_ROWS 4        /* rows x blocks of 16 columns per tile: 12 + 12 accumulators */
 #endif
 #ifndef QTILE_BLOCKS
-#define QTILE_BLOCKS 2
+#define QTILE_BLOCKS 3
 #endif
 #ifndef QDECODE_BLOCKS
 #define QDECODE_BLOCKS 4    /* one row (a decode step): wider tiles, one group epilogue each */
@@ -124,7 +131,8 @@ int dequantize_weight(const quant_weight *w, void *out, int is_bf16) {
 #ifndef QPREFETCH_SCALES
 #define QPREFETCH_SCALES 1
 #endif
-#define QMAX_BLOCKS (QTILE_BLOCKS > QDECODE_BLOCKS ? QTILE_BLOCKS : QDECODE_BLOCKS)
+#define QKIND_INT4_SYMMETRIC 2   /* QUANT_INT4 without offsets: the integer correction */
+#define QMAX_BLOCKS 4       /* QTILE_BLOCKS and QDECODE_BLOCKS at most this */
 #define QCHUNK_BYTES (256 * 1024)   /* quantized activation rows per chunk: about this many */
 
 int gemm_quant_available(void) { return 1; }
@@ -145,10 +153,10 @@ static inline __m512 load_x16(const void *x, int64_t at, int is_bf16) {
     return _mm512_loadu_ps((const float *)x + at);
 }
 
-/* One row: per group of `group` features, q = round(x * (127 / amax)) (q + 128 as u8 when
- * `shift` for int8 weights), scale = amax / 127 * unscale, sum = sum of q. */
-static void quantize_row(const void *x, int is_bf16, int64_t in, int64_t group, int shift,
-                         float unscale, int8_t *q, float *scale, int32_t *sum) {
+/* One row: per group of `group` features, q = round(x * (127 / amax)),
+ * scale = amax / 127 * unscale, sum = sum of q. */
+static void quantize_row(const void *x, int is_bf16, int64_t in, int64_t group, float unscale,
+                         int8_t *q, float *scale, int32_t *sum) {
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t g = 0; g < in / group; g++) {
         __m512 v[4];
@@ -165,9 +173,7 @@ static void quantize_row(const void *x, int is_bf16, int64_t in, int64_t group, 
         for (int p = 0; p < parts; p++) {
             const __m512i levels = _mm512_cvtps_epi32(_mm512_mul_ps(v[p], by));   /* nearest even */
             total = _mm512_add_epi32(total, levels);
-            __m128i bytes = _mm512_cvtepi32_epi8(levels);
-            if (shift) bytes = _mm_xor_si128(bytes, _mm_set1_epi8((char)0x80));
-            _mm_storeu_si128((__m128i *)(q + g * group + 16 * p), bytes);
+            _mm_storeu_si128((__m128i *)(q + g * group + 16 * p), _mm512_cvtepi32_epi8(levels));
         }
         scale[g] = top / 127.0f * unscale;
         sum[g] = _mm512_reduce_add_epi32(total);
@@ -175,12 +181,12 @@ static void quantize_row(const void *x, int is_bf16, int64_t in, int64_t group, 
 }
 
 int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
-                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum) {
+                  int64_t group, float unscale, int8_t *q, float *scale, int32_t *sum) {
     const int64_t groups = in / group;
     #pragma omp parallel for schedule(static) if (rows * in >= (int64_t)1 << 16)
     for (int64_t r = 0; r < rows; r++)
         quantize_row((const char *)x + r * x_row_stride * (is_bf16 ? 2 : 4), is_bf16, in, group,
-                     shift, unscale, q + r * in, scale + r * groups, sum + r * groups);
+                     unscale, q + r * in, scale + r * groups, sum + r * groups);
     return 0;
 }
 
@@ -199,19 +205,17 @@ static inline __attribute__((always_inline)) void quant_tile(
     const uint8_t *data = w->data + block * units * 64;
     const uint16_t *scales = w->scales + block * groups * 16;
     const uint16_t *offsets = w->offsets ? w->offsets + block * groups * 16 : 0;
-    const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(0x0f);
+    const __m512i low = _mm512_set1_epi8(0x0f);
     __m512 acc[QTILE_ROWS][QMAX_BLOCKS];
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < blocks; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         /* int4 with few accumulators: low and high nibbles into separate ones, so two
          * dependency chains per accumulator pair hide vpdpbusd's latency (integers: exact) */
-        const int split = kind == QUANT_INT4 && rows * blocks <= 4;
-        __m512i dot[QTILE_ROWS][QMAX_BLOCKS], dot_hi[QTILE_ROWS][QMAX_BLOCKS], wsum[QMAX_BLOCKS];
-        for (int j = 0; j < blocks; j++) {
-            wsum[j] = _mm512_setzero_si512();
+        const int split = kind != QUANT_INT8 && rows * blocks <= 4;
+        __m512i dot[QTILE_ROWS][QMAX_BLOCKS], dot_hi[QTILE_ROWS][QMAX_BLOCKS];
+        for (int j = 0; j < blocks; j++)
             for (int i = 0; i < rows; i++) dot[i][j] = dot_hi[i][j] = _mm512_setzero_si512();
-        }
         for (int64_t u = g * per_group; u < (g + 1) * per_group; u++) {
             __m512i wv[QMAX_BLOCKS];
             for (int j = 0; j < blocks; j++)
@@ -220,13 +224,12 @@ static inline __attribute__((always_inline)) void quant_tile(
                 for (int j = 0; j < next_blocks; j++)
                     _mm_prefetch((const char *)(next + (j * units + u) * 64), _MM_HINT_T1);
             if (kind == QUANT_INT8) {
-                for (int j = 0; j < blocks; j++) wsum[j] = dpbusd(wsum[j], ones, wv[j]);
                 for (int i = 0; i < rows; i++) {
                     int32_t four;
                     __builtin_memcpy(&four, xq + i * in + 4 * u, sizeof(four));
                     const __m512i a = _mm512_set1_epi32(four);
                     for (int j = 0; j < blocks; j++)
-                        dot[i][j] = dpbusd(dot[i][j], a, wv[j]);
+                        dot[i][j] = dpbusd(dot[i][j], wv[j], a);
                 }
             } else {
                 __m512i lo[QMAX_BLOCKS], hi[QMAX_BLOCKS];
@@ -255,10 +258,13 @@ static inline __attribute__((always_inline)) void quant_tile(
         for (int j = 0; j < blocks; j++) {
             const int64_t at = (j * groups + g) * 16;
             const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-            if (kind == QUANT_INT8) {
-                const __m512i correction = _mm512_slli_epi32(wsum[j], 7);
+            if (kind != QUANT_INT4) {   /* int8, symmetric int4: an integer correction */
                 for (int i = 0; i < rows; i++) {
-                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[i][j], correction));
+                    const __m512i sum = split ? _mm512_add_epi32(dot[i][j], dot_hi[i][j])
+                                              : dot[i][j];
+                    const __m512i correction = _mm512_set1_epi32(
+                        xsum[i * groups + g] * (kind == QUANT_INT8 ? 128 : 8));
+                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, correction));
                     const __m512 sa = _mm512_mul_ps(s, _mm512_set1_ps(xs[i * groups + g]));
                     acc[i][j] = _mm512_add_ps(acc[i][j], _mm512_mul_ps(d, sa));
                 }
@@ -297,6 +303,16 @@ static inline __attribute__((always_inline)) void quant_tile(
                block, bias ? (const char *)bias + block * 16 * size : 0,                     \
                (char *)y + (row * y_row_stride + block * 16) * size, y_row_stride, is_bf16,   \
                next, next_blocks)
+#define QTILE_ROWS_OF(BLOCKS)                                                                  \
+    switch (rows) {                                                                            \
+    QCASE_ROWS(6, BLOCKS) QCASE_ROWS(5, BLOCKS) QCASE_ROWS(4, BLOCKS) QCASE_ROWS(3, BLOCKS)    \
+    QCASE_ROWS(2, BLOCKS)                                                                      \
+    default: QTILE(1, BLOCKS); break;                                                          \
+    }
+/* a case only for tile shapes that occur: up to QTILE_ROWS x QTILE_BLOCKS, one row up to
+ * QDECODE_BLOCKS wide */
+#define QCASE_ROWS(ROWS, BLOCKS)                                                               \
+    case ROWS: if (ROWS <= QTILE_ROWS && BLOCKS <= QTILE_BLOCKS) QTILE(ROWS, BLOCKS); break;
 #define DEFINE_RUN_TILE(NAME, KIND_VALUE)                                                      \
     static void NAME(const quant_weight *w, const int8_t *xq, const float *xs,                 \
                      const int32_t *xsum, const void *bias, void *y, int64_t y_row_stride,     \
@@ -304,29 +320,16 @@ static inline __attribute__((always_inline)) void quant_tile(
                      const uint8_t *next, int next_blocks) {                                   \
         enum { KIND = KIND_VALUE };                                                            \
         const int64_t in = w->in, groups = in / w->group, size = is_bf16 ? 2 : 4;              \
-        if (rows == 1) {                                                                       \
-            switch (blocks) {                                                                  \
-            case 4: QTILE(1, 4); break;                                                        \
-            case 3: QTILE(1, 3); break;                                                        \
-            case 2: QTILE(1, 2); break;                                                        \
-            default: QTILE(1, 1); break;                                                       \
-            }                                                                                  \
-        } else if (blocks == 2) {                                                              \
-            switch (rows) {                                                                    \
-            case 4: QTILE(4, 2); break;                                                        \
-            case 3: QTILE(3, 2); break;                                                        \
-            default: QTILE(2, 2); break;                                                       \
-            }                                                                                  \
-        } else {                                                                               \
-            switch (rows) {                                                                    \
-            case 4: QTILE(4, 1); break;                                                        \
-            case 3: QTILE(3, 1); break;                                                        \
-            default: QTILE(2, 1); break;                                                       \
-            }                                                                                  \
+        switch (blocks) {                                                                      \
+        case 4: QTILE_ROWS_OF(4) break;                                                        \
+        case 3: QTILE_ROWS_OF(3) break;                                                        \
+        case 2: QTILE_ROWS_OF(2) break;                                                        \
+        default: QTILE_ROWS_OF(1) break;                                                       \
         }                                                                                      \
     }
 DEFINE_RUN_TILE(run_tile_int8, QUANT_INT8)
 DEFINE_RUN_TILE(run_tile_int4, QUANT_INT4)
+DEFINE_RUN_TILE(run_tile_int4_symmetric, QKIND_INT4_SYMMETRIC)
 
 /* Blocks per tile for one row: the widest (up to QDECODE_BLOCKS, at least 2) that splits the
  * blocks most evenly over the threads (36 blocks on 2 threads: 3, not 4's 5 + 4 panels). */
@@ -355,12 +358,11 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
         free(xq); free(xs); free(xsum);
         return -1;
     }
-    const int shift = w->kind == QUANT_INT8;
     /* a few rows: quantized here, so the team meets at no extra barrier */
     const int small = rows_total * in <= (int64_t)1 << 14;
     if (small)
         for (int64_t r = 0; r < rows_total; r++)
-            quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group, shift,
+            quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group,
                          w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
     const int parallel = rows_total * w->out * in >= (int64_t)1 << 16;
     const int tile_rows = rows_total == 1 ? 1 : QTILE_ROWS;
@@ -368,6 +370,10 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
         ? decode_blocks(blocks_total, parallel ? omp_get_max_threads() : 1) : QTILE_BLOCKS;
     const int64_t panels = (blocks_total + tile_blocks - 1) / tile_blocks;
     const int64_t units = w->kind == QUANT_INT8 ? in / 4 : in / 8;   /* 64 bytes each */
+    void (*run)(const quant_weight *, const int8_t *, const float *, const int32_t *,
+                const void *, void *, int64_t, int, int64_t, int, int64_t, int,
+                const uint8_t *, int) = w->kind == QUANT_INT8 ? run_tile_int8
+                                        : w->offsets ? run_tile_int4 : run_tile_int4_symmetric;
     int64_t chunk = QCHUNK_BYTES / in / QTILE_ROWS * QTILE_ROWS;
     chunk = chunk < 16 * QTILE_ROWS ? 16 * QTILE_ROWS : chunk;
     #pragma omp parallel if (parallel)
@@ -376,7 +382,7 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows_total; r++)
                 quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group,
-                             shift, w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
+                             w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
         }
         for (int64_t first = 0; first < rows_total; first += chunk) {
             const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
@@ -394,7 +400,7 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
                                           ? w->data + next_block * units * 64 : 0;
                     const int next_blocks = blocks_total - next_block < tile_blocks
                                             ? (int)(blocks_total - next_block) : tile_blocks;
-                    (w->kind == QUANT_INT8 ? run_tile_int8 : run_tile_int4)(
+                    run(
                         w, xq, xs, xsum, bias, y, y_row_stride, is_bf16, row, rows, block,
                         blocks, next, next_blocks);
                 }
@@ -410,8 +416,8 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
 int gemm_quant_available(void) { return 0; }
 
 int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
-                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum) {
-    (void)x; (void)x_row_stride; (void)is_bf16; (void)rows; (void)in; (void)group; (void)shift;
+                  int64_t group, float unscale, int8_t *q, float *scale, int32_t *sum) {
+    (void)x; (void)x_row_stride; (void)is_bf16; (void)rows; (void)in; (void)group;
     (void)unscale; (void)q; (void)scale; (void)sum;
     return -1;
 }
@@ -475,7 +481,7 @@ static void dequant_panel(const void *context, int64_t block, int blocks, uint16
                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + at))), unscale);
             const __m512 o = w->offsets ? _mm512_mul_ps(_mm512_cvtph_ps(
                 _mm256_loadu_si256((const __m256i *)(w->offsets + at))), unscale)
-                                        : _mm512_setzero_ps();
+                                        : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));   /* int4 */
             __m512 scale[4], offset[4];
             for (int t = 0; t < 4; t++) {
                 scale[t] = _mm512_permutexvar_ps(spread[t], s);
@@ -484,8 +490,9 @@ static void dequant_panel(const void *context, int64_t block, int blocks, uint16
             for (int64_t u = g * per_group; u < (g + 1) * per_group; u++) {
                 const __m512i bytes = _mm512_loadu_si512((const void *)(data + u * 64));
                 __m512i p0, p1;
-                if (int8) {
-                    dequant_four(bytes, 1, scale, offset, w->offsets != 0, &p0, &p1);
+                if (int8) {   /* offset binary: xor 0x80 gives the signed level */
+                    dequant_four(_mm512_xor_si512(bytes, _mm512_set1_epi8((char)0x80)), 1, scale,
+                                 offset, 0, &p0, &p1);
                     _mm512_storeu_si512(out + 2 * u, p0);
                     _mm512_storeu_si512(out + 2 * u + 1, p1);
                 } else {

@@ -41,9 +41,9 @@ typedef struct {
     int64_t kind;               /* QUANT_INT8 or QUANT_INT4 */
     int64_t group;              /* input features per scale: 32 or 64 */
     int64_t out, in;            /* out % 16 == 0, in % group == 0 */
-    const uint8_t *data;        /* [out / 16, in / 4 (int8) or in / 8 (int4), 64] */
+    const uint8_t *data;        /* [out / 16, in / 4 (int8, + 128) or in / 8 (int4), 64] */
     const uint16_t *scales;     /* fp16 [out / 16, in / group, 16], times 2^shift */
-    const uint16_t *offsets;    /* fp16, as scales (int4), or NULL (int8) */
+    const uint16_t *offsets;    /* fp16, as scales (int4), or NULL (int8; int4 with -8 scale) */
     float unscale;              /* 2^-shift */
 } quant_weight;
 
@@ -63,6 +63,6 @@ int gemm_dequant_bf16(const uint16_t *x, int64_t x_row_stride, const quant_weigh
                       const uint16_t *bias, uint16_t *y, int64_t y_row_stride, int64_t rows);
 int dequantize_weight(const quant_weight *w, void *out, int is_bf16);
 int quantize_rows(const void *x, int64_t x_row_stride, int is_bf16, int64_t rows, int64_t in,
-                  int64_t group, int shift, float unscale, int8_t *q, float *scale, int32_t *sum);
+                  int64_t group, float unscale, int8_t *q, float *scale, int32_t *sum);
 
 #endif
