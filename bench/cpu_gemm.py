@@ -7,11 +7,12 @@ weights come from memory as in a forward pass; lm_head once) and each row count 
 stream, 32 = a decode batch, 2048 = a prefill chunk), times oneDNN on its once-reordered weights
 (what the engine used before) and the C kernel on its packed weights, alternating, best of
 --repeats. With --quant (default) the same shapes quantized (kernels.quant, group --group) run
-through the VNNI kernel and the panel route in the same alternation, each format rotating over
-at least --layers distinct weights and enough to spill the last-level cache twice (a decode step
-reads every weight from memory), so no format is timed from cache. Prints ms and each one's
-speed relative to the C bf16 kernel, with the load other processes put on the machine meanwhile;
---json saves them.
+through the VNNI kernel and the panel route in the same alternation. Up to 32 rows every format
+rotates over at least --layers distinct weights and enough to spill the last-level cache twice
+(a decode step reads every weight from memory), so none is timed from cache; beyond, where the
+products are compute-bound, over one weight (as kernels/cpu/gemm_choice.py times them). Prints
+ms and each one's speed relative to the C bf16 kernel, with the load other processes put on the
+machine meanwhile; --json saves them.
 --chooser instead runs the engine's per-shape choice (kernels/cpu/gemm_choice.py) on weights of
 the model's shapes, measured anew (not read from its cache), and prints its table and cost.
 
@@ -55,7 +56,8 @@ def _copies(count: int, bytes_per_weight: int, cache_bytes: int) -> int:
 def _formats(name: str, layers: int, quant: bool, group: int, cache_bytes: int) -> dict:
     """Format -> (product, weights to rotate over) for one shape, every format over at least
     `layers` distinct weights (lm_head: 1) and enough to spill the cache twice (copies of
-    `layers` random ones: the values do not matter to the time, the memory they sit in does)."""
+    `layers` random ones: the values do not matter to the time, the memory they sit in does);
+    cache_bytes 0: `layers` weights only."""
     import torch
 
     from kernels.cpu import linear as cpu_linear
@@ -106,8 +108,13 @@ def bench_shape(name: str, rows: int, layers: int, repeats: int, quant: bool = F
     twice over), with each one's speed relative to the C bf16 kernel."""
     import torch
 
+    from kernels.cpu import gemm_choice
+
     out_features, in_features = SHAPES[name]
-    formats = _formats(name, layers, quant, group, cache_bytes)
+    # beyond MEMORY_BOUND_ROWS the product is compute-bound: one weight, as the chooser times it
+    memory_bound = rows <= gemm_choice.MEMORY_BOUND_ROWS
+    formats = _formats(name, layers if memory_bound else 1, quant, group,
+                       cache_bytes if memory_bound else 0)
     x = torch.randn(rows, in_features, dtype=torch.bfloat16)
     seconds = {fmt: float("inf") for fmt in formats}
     with OtherLoad() as load:

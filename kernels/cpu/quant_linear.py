@@ -134,7 +134,7 @@ def pack(weight: QuantizedWeight, routes: tuple[str, ...] | None = None) -> Pack
                          "and the C library")
     out_features, in_features = weight.shape
     blocks = out_features // 16
-    if weight.kind == "int8":   # + 128 (offset binary); [blocks, 16, quads, 4] -> [blocks, quads, 16, 4]
+    if weight.kind == "int8":   # + 128 (offset binary); [blocks, 16, quads, 4] -> quads first
         levels = (weight.qweight.view(torch.uint8) ^ 0x80).reshape(blocks, 16, in_features // 4, 4)
         data = levels.permute(0, 2, 1, 3).reshape(blocks, in_features // 4, 64)
     else:                       # [blocks, 16, octets, 2 halves, 4]: low nibble, high nibble

@@ -98,7 +98,8 @@ def mirror(x: torch.Tensor, weight: QuantizedWeight, packed: ql.PackedQuant,
         if weight.kind == "int8" or integer_offset:
             acc = acc + dots[:, :, g] * (scales[:, g][None, :] * x_scales[:, g][:, None])
         else:
-            t = dots[:, :, g] * scales[:, g][None, :] + x_sums[:, g][:, None] * offsets[:, g][None, :]
+            t = (dots[:, :, g] * scales[:, g][None, :]
+                 + x_sums[:, g][:, None] * offsets[:, g][None, :])
             acc = acc + t * x_scales[:, g][:, None]
     return acc + bias.float() if bias is not None else acc
 

@@ -269,7 +269,8 @@ static inline __attribute__((always_inline)) void quant_tile(
                     acc[i][j] = _mm512_add_ps(acc[i][j], _mm512_mul_ps(d, sa));
                 }
             } else {
-                const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offsets + at)));
+                const __m512 o =
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offsets + at)));
                 for (int i = 0; i < rows; i++) {
                     const __m512i sum = split ? _mm512_add_epi32(dot[i][j], dot_hi[i][j])
                                               : dot[i][j];
@@ -453,8 +454,10 @@ static inline void dequant_four(__m512i levels, int is_signed, const __m512 scal
     /* 32-bit units (a bf16 pair each): column c's features 0-1 then 2-3, columns 0-7 / 8-15 */
     const __m512i first = (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]);
     const __m512i second = (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
+                                           16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
+                                          17, 19, 21, 23, 25, 27, 29, 31);
     *pair0 = _mm512_permutex2var_epi32(first, even, second);
     *pair1 = _mm512_permutex2var_epi32(first, odd, second);
 }
