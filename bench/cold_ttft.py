@@ -16,8 +16,10 @@ Medians per side, and cold / hf_forward both of the medians and per repeat (pair
 load average at start and end and the cores other processes kept busy are in the output: on a
 shared machine compare ratios, not seconds, and note that transformers' OpenMP threads collapse
 when a neighbour takes a core (--max-others waits for an idle machine; --threads 1 is immune).
-The timed sides are in bench/cold_ttft_runners.py; --profile (bench/cold_ttft_profile.py) says
-where the engine's prefill time goes instead.
+The engines run a fixed OpenMP team (--no-adaptive-threads), as transformers does: with the
+sides taking turns, the thread governor would count the others as busy neighbours and prefill on
+one thread. The timed sides are in bench/cold_ttft_runners.py; --profile
+(bench/cold_ttft_profile.py) says where the engine's prefill time goes instead.
 
     python bench/cold_ttft.py --json bench/results/cold_ttft_cpu.json
     python bench/cold_ttft.py --chunk-sizes 512 2048 4096 --repeats 3
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads here and OMP_NUM_THREADS of the services")
     p.add_argument("--engine-args", type=shlex.split, default=[],
-                   help="more engine_svc arguments, one string (e.g. '--no-adaptive-threads')")
+                   help="more engine_svc arguments, one string (--engine-args='--adaptive-threads')")
     p.add_argument("--env-variants", type=parse_env_variant, nargs="+", default=[],
                    metavar="NAME=VALUE",
                    help="per chunk size, one more engine per variant with this environment "

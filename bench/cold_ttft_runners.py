@@ -126,8 +126,12 @@ def start_services(args: argparse.Namespace, chunk: int, variant: tuple[str, str
                    log_dir: Path) -> Services:
     """Engine + tokenizer service at this chunk size, with `variant` set in their
     environment (only theirs)."""
+    # a fixed team, as transformers has here: the sides take turns, so the engine's thread
+    # governor would count the other sides as busy neighbours and run the next prefill on one
+    # thread (--engine-args=--adaptive-threads puts it back)
     engine_args = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-                   "--max-num-batched-tokens", str(chunk), *args.engine_args]
+                   "--max-num-batched-tokens", str(chunk), "--no-adaptive-threads",
+                   *args.engine_args]
     if variant is None:
         return Services(args.model, engine_args, args.threads, log_dir)
     name, value = variant
