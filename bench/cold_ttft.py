@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads here and OMP_NUM_THREADS of the services")
     p.add_argument("--engine-args", type=shlex.split, default=[],
-                   help="more engine_svc arguments, one string (--engine-args='--adaptive-threads')")
+                   help="more engine_svc arguments as one string "
+                        "(--engine-args='--adaptive-threads')")
     p.add_argument("--env-variants", type=parse_env_variant, nargs="+", default=[],
                    metavar="NAME=VALUE",
                    help="per chunk size, one more engine per variant with this environment "

@@ -72,7 +72,8 @@ def attention_vs_sdpa(prefix: int, new: int, q_heads: int, kv_heads: int, head_d
     v = torch.randn(ctx, kv_heads, head_dim, generator=generator).bfloat16()
     q = torch.randn(new, q_heads, head_dim, generator=generator).bfloat16()  # [new, heads, d]
     table = torch.arange(ctx, dtype=torch.int32)[None]  # [1, ctx]
-    slots, prefixes = torch.tensor([0], dtype=torch.int32), torch.tensor([prefix], dtype=torch.int32)
+    slots = torch.tensor([0], dtype=torch.int32)
+    prefixes = torch.tensor([prefix], dtype=torch.int32)
     cu_new = torch.tensor([0, new], dtype=torch.int32)
     scale = head_dim ** -0.5
     q4, k4, v4 = (x.transpose(0, 1).contiguous()[None] for x in (q, k, v))  # [1, heads, n, d]
