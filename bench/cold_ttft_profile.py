@@ -94,7 +94,7 @@ def profile_chunk_size(args: argparse.Namespace, windows: list[list[int]], chunk
 
     engine = LLMEngine(EngineConfig(model=str(args.model), dtype="bfloat16", device="cpu",
                                     max_model_len=args.max_model_len,
-                                    max_num_batched_tokens=chunk))
+                                    max_num_batched_tokens=chunk, adaptive_threads=False))
     _first_token_s(engine, windows[0][:64], "warm")
     timers = Timers()
     instrument(engine, timers)
