@@ -276,7 +276,8 @@ def _attach_plans(plain: dict[str, list[Tensor]], packed: dict[str, list[Tensor]
 def describe(weight) -> str:
     """How a projection is held, for logs and the chooser's cache key: 'bf16 C', 'int4 g32' ..."""
     if isinstance(weight, PackedQuant):
-        return f"{weight.kind} g{weight.group_size}"
+        symmetric = " symmetric" if weight.kind == "int4" and weight.offsets is None else ""
+        return f"{weight.kind} g{weight.group_size}{symmetric}"
     if isinstance(weight, QuantizedWeight):
         return f"{weight.kind} g{weight.group_size} (torch oracle)"
     dtype = str(weight.dtype).removeprefix("torch.")

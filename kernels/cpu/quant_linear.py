@@ -16,7 +16,8 @@ the panel route, =onednn the dense one.
 Scales and offsets are packed as fp16 times a per-weight power of two (2^shift, chosen so the
 largest is near 2^14: fp16's normal range holds 2^28 below that): GGUF's fp16 scales stay exact,
 kernels.quant's own fp32 scales round by at most 2^-11 relative (1/16 of an int8 step).
-Symmetric int4 (offsets exactly -8 * scales: kernels.quant's own, GGUF Q4_0) packs no offsets.
+Symmetric int4 (offsets exactly -8 * scales: GGUF Q4_0, quantize_int4(symmetric=True)) packs no
+offsets.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class PackedQuant:
 
     @property
     def device(self) -> torch.device:
+        """Where the packed tensors are (the CPU)."""
         return self.data.device
 
 
@@ -120,8 +122,9 @@ def _per_block(values: Tensor, shift: int) -> Tensor:
 
 
 def symmetric(weight: QuantizedWeight) -> bool:
-    """int8, or int4 whose offsets are exactly -8 * scales (kernels.quant's own, GGUF Q4_0):
-    packed without offsets, the kernels correct with an integer instead."""
+    """int8, or int4 whose offsets are exactly -8 * scales (GGUF Q4_0,
+    quantize_int4(symmetric=True)): packed without offsets, the kernels correct with an integer
+    instead."""
     return weight.offsets is None or torch.equal(weight.offsets, -8 * weight.scales)
 
 
@@ -201,9 +204,11 @@ def candidates(name: str, weights: list[PackedQuant]) -> list[gemm_choice.ShapeC
 
 
 def take_choices(weights: list[PackedQuant], choices: list[str]) -> None:
-    """Set every weight's routes from the chooser's picks per bucket (quant or dequant)."""
+    """Set every weight's routes from the chooser's picks per bucket (the challenger: the
+    dequantized route; the incumbent: VNNI)."""
     dequant = dequant_route()
-    routes = tuple("vnni" if choice == gemm_choice.QUANT else dequant for choice in choices)
+    challengers = (gemm_choice.DEQUANT, gemm_choice.ONEDNN)
+    routes = tuple(dequant if choice in challengers else "vnni" for choice in choices)
     for weight in weights:
         weight.routes = routes
 
@@ -218,5 +223,8 @@ def quant_linear(x: Tensor, weight: PackedQuant, bias: Tensor | None = None) -> 
                          f"{x.dtype} {tuple(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     if bias is not None:
+        if bias.numel() != weight.shape[0]:
+            raise ValueError(f"quant_linear: bias must have {weight.shape[0]} values, got "
+                             f"{tuple(bias.shape)}")
         bias = bias.to(x.dtype).contiguous()
     return _ROUTE_FNS[route_for(weight, x.shape[0], x.dtype)](x, weight, bias)

@@ -298,6 +298,8 @@ def test_quant_linear_takes_the_route_of_the_row_bucket_and_a_strided_view() -> 
     assert torch.equal(ql.quant_linear(view, packed), ql.quant_linear(view.contiguous(), packed))
     with pytest.raises(ValueError, match=r"\[rows, 96\]"):
         ql.quant_linear(torch.randn(3, 64, dtype=torch.bfloat16), packed)
+    with pytest.raises(ValueError, match="bias must have 48 values"):
+        ql.quant_linear(view, packed, torch.zeros(16, dtype=torch.bfloat16))
     assert math.isclose(packed.unscale, 2.0 ** round(math.log2(packed.unscale)))
 
 

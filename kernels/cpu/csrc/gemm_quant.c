@@ -12,8 +12,8 @@
  *                 or compute)
  *   int4 weights: the level 0..15; w = wscale * level + woffset, so
  *                 acc += (float(dot) * wscale + float(sum) * woffset) * xscale
- *                 or, symmetric (woffset = -8 wscale: kernels.quant's int4, GGUF Q4_0; packed
- *                 without offsets), as int8 with 8 for 128:
+ *                 or, symmetric (woffset = -8 wscale: GGUF Q4_0, quantize_int4(symmetric=True);
+ *                 packed without offsets), as int8 with 8 for 128:
  *                 acc += float(dot - 8 * sum) * (wscale * xscale)
  * (tests/kernels/test_cpu_quant_gemm.py mirrors these steps in torch).
  *
@@ -127,6 +127,12 @@ int dequantize_weight(const quant_weight *w, void *out, int is_bf16) {
 #endif
 #ifndef QPREFETCH
 #define QPREFETCH 1         /* the first row tile of a panel prefetches the next panel (L2) */
+#endif
+#ifndef QNOWAIT
+#define QNOWAIT 1
+#endif
+#ifndef QPREFETCH_FIRST
+#define QPREFETCH_FIRST 1   /* each thread's first panel is prefetched whole before it starts */
 #endif
 #ifndef QPREFETCH_SCALES
 #define QPREFETCH_SCALES 1
@@ -332,6 +338,18 @@ DEFINE_RUN_TILE(run_tile_int8, QUANT_INT8)
 DEFINE_RUN_TILE(run_tile_int4, QUANT_INT4)
 DEFINE_RUN_TILE(run_tile_int4_symmetric, QKIND_INT4_SYMMETRIC)
 
+/* every cache line of blocks [block, block + blocks) into L2: levels, scales, offsets */
+static void prefetch_panel(const quant_weight *w, int64_t block, int blocks, int64_t units,
+                           int64_t groups) {
+    const char *data = (const char *)(w->data + block * units * 64);
+    for (int64_t at = 0; at < blocks * units * 64; at += 64) _mm_prefetch(data + at, _MM_HINT_T1);
+    for (int64_t at = 0; at < blocks * groups * 32; at += 64) {
+        _mm_prefetch((const char *)(w->scales + block * groups * 16) + at, _MM_HINT_T1);
+        if (w->offsets)
+            _mm_prefetch((const char *)(w->offsets + block * groups * 16) + at, _MM_HINT_T1);
+    }
+}
+
 /* Blocks per tile for one row: the widest (up to QDECODE_BLOCKS, at least 2) that splits the
  * blocks most evenly over the threads (36 blocks on 2 threads: 3, not 4's 5 + 4 panels). */
 static int decode_blocks(int64_t blocks, int threads) {
@@ -385,11 +403,17 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
                 quantize_row((const char *)x + r * x_row_stride * size, is_bf16, in, w->group,
                              w->unscale, xq + r * in, xs + r * groups, xsum + r * groups);
         }
+        int started = !QPREFETCH_FIRST;
         for (int64_t first = 0; first < rows_total; first += chunk) {
             const int64_t end = first + chunk < rows_total ? first + chunk : rows_total;
             const int64_t row_tiles = (end - first + tile_rows - 1) / tile_rows;
-            /* consecutive items share a panel: each thread streams its own panels */
+            /* consecutive items share a panel: each thread streams its own panels; chunks and
+             * tiles are independent, so no barrier until the region ends */
+#if QNOWAIT
+            #pragma omp for collapse(2) schedule(static) nowait
+#else
             #pragma omp for collapse(2) schedule(static)
+#endif
             for (int64_t panel = 0; panel < panels; panel++) {
                 for (int64_t tile = 0; tile < row_tiles; tile++) {
                     const int64_t block = panel * tile_blocks, row = first + tile * tile_rows;
@@ -401,6 +425,10 @@ int gemm_quant(const void *x, int64_t x_row_stride, int is_bf16, const quant_wei
                                           ? w->data + next_block * units * 64 : 0;
                     const int next_blocks = blocks_total - next_block < tile_blocks
                                             ? (int)(blocks_total - next_block) : tile_blocks;
+                    if (!started) {   /* this thread's first panel: no tile before fetched it */
+                        prefetch_panel(w, block, blocks, units, groups);
+                        started = 1;
+                    }
                     run(
                         w, xq, xs, xsum, bias, y, y_row_stride, is_bf16, row, rows, block,
                         blocks, next, next_blocks);
