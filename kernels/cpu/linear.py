@@ -158,7 +158,12 @@ def chosen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 def linear_for(weight: Tensor) -> LinearFn:
     """The linear function for weights like this one: chosen_linear for a 3-D packed weight with
-    a plan, native_linear for one without, packed_linear for a oneDNN one, else F.linear."""
+    a plan, native_linear for one without, packed_linear for a oneDNN one, quant_linear for a
+    packed quantized one, the torch oracle for an unpacked one, else F.linear."""
+    if isinstance(weight, PackedQuant):
+        return quant_linear.quant_linear
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear
     if weight.dim() == 3:
         return chosen_linear if plan_of(weight) is not None else native_linear
     return packed_linear if weight.is_mkldnn else F.linear

@@ -162,6 +162,7 @@ def test_prepare_weights_packs_quantized_and_mixed_models(layer_kind, head_kind,
     packed = cpu_linear.prepare_weights(weights)
     linear = cpu_linear.model_linear(packed)
     assert linear is cpu_linear._any_linear
+    assert cpu_linear.linear_for(packed.layers[0].down_proj) is quant_linear.quant_linear
     layer = packed.layers[0]
     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
         weight, original = getattr(layer, name), getattr(weights.layers[0], name)
@@ -190,6 +191,7 @@ def test_quantized_weights_stay_for_the_oracle_without_the_c_library(monkeypatch
     _, weights = _mixed_weights("int8", "int8")
     packed = cpu_linear.prepare_weights(weights)
     assert isinstance(packed.layers[0].qkv_proj, QuantizedWeight)
+    assert cpu_linear.linear_for(packed.layers[0].qkv_proj) is quantized_linear
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     assert torch.equal(cpu_linear.model_linear(packed)(x, packed.lm_head, None),
                        quantized_linear(x, packed.lm_head))
