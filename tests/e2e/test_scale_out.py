@@ -79,11 +79,12 @@ def test_kill_9_during_streams_loses_nothing_and_the_engine_joins_again(cluster:
         victim.kill()
         killed_at.append(time.monotonic())
 
-    # killed as soon as the seeded streams (all on the victim) are under way: waiting for every
-    # stream let the victim finish its own first on a loaded machine, leaving nothing to move
-    survived = asyncio.run(_run(front, requests, kill, kill_after=SEEDED))
+    # killed as soon as the first seeded stream (all are routed to the victim) is under way:
+    # waiting for more let the victim finish its own first on a loaded machine (CI once saw 1
+    # of 4 still in flight), leaving little to move
+    survived = asyncio.run(_run(front, requests, kill, kill_after=1))
     held, recovery_s = killed_at[0], time.monotonic() - killed_at[1]
-    assert held >= SEEDED   # the seeded streams (and maybe more) ran on the victim
+    assert held >= 1   # streams in flight on the victim when it died (each must move once)
     assert [r.code for r in survived] == [grpc.StatusCode.OK] * (STREAMS + SEEDED), \
         [r.details for r in survived if r.details]
     for index, (before, after) in enumerate(zip(reference, survived)):
@@ -92,7 +93,9 @@ def test_kill_9_during_streams_loses_nothing_and_the_engine_joins_again(cluster:
         assert after.usage.prompt_tokens == before.usage.prompt_tokens
         assert after.usage.completion_tokens == NEW_TOKENS
     moved = metric(front, f'llmserve_frontend_failovers_total{{engine="{victim.address}"}}')
-    assert moved == held, (moved, held)   # each of its streams moved once
+    # each stream cut off moved once; the gauge read just before the kill may count a stream
+    # whose last message was already on its way (CI: 16 moved of 17 counted)
+    assert 1 <= moved <= held, (moved, held)
     print(f"\nkill -9 of 1 of 3 engines: {STREAMS + SEEDED}/{STREAMS + SEEDED} streams complete "
           f"and equal, {moved:.0f} failed over, all done {recovery_s:.2f} s after the kill")
 
