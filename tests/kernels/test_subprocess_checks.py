@@ -56,6 +56,17 @@ def test_interpreter_tests_in_fresh_process() -> None:
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
 
+@pytest.mark.skipif(not INTERPRET or not IN_PROCESS_INTERPRETER,
+                    reason="test_interpreter_tests_in_fresh_process reruns the whole file")
+def test_triton_quantized_backend_in_fresh_process() -> None:
+    """The Triton backend on a quantized model needs a process started interpreted (it imports
+    the kernels afresh); the in-process run skips it, so run it here."""
+    result = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   "tests/kernels/test_triton_quant_gemm.py", "-k", "backend_runs"], interpret=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
 def test_bench_smoke_run_in_interpreter(tmp_path: Path) -> None:
     out = tmp_path / "kernels.json"
     result = _run(["bench/kernels.py", "--interpret", "--json", str(out)], interpret=False)
