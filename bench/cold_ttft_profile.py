@@ -10,6 +10,7 @@ scaled_dot_product_attention on the same q/k/v for each chunk of the prompt.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def profile_main(args: argparse.Namespace, threads: dict) -> int:
         results.append(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in os.environ.items() if k.startswith("LLMSERVE_")}
         args.json.write_text(json.dumps({"machine": info, "threads": threads,
+                                         "llmserve_environment": settings,
                                          "results": results}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
