@@ -307,6 +307,8 @@ static attend_vec_fn pick_vec(int group, int head_dim, int is_bf16, int *bf16_do
  * Measured on the 2-core EPYC (Zen 4), 9 q / 3 kv heads, d 64: a 2048-token chunk 72 -> 32 ms
  * per layer on one core; a cold 2,670-token prefill's attention 2.5 -> 1.0 s on two. ROW_VECS
  * 2 or 3 and KEY_TILE 32 or 64 (-D to try others) timed within 5% of each other there. */
+/* a prefill run handled in row blocks (used where HAVE_BF16_DOT; declared for every build) */
+typedef struct { int32_t t0, tokens, r0; } row_block;   /* run's first token, its length, row */
 #if HAVE_BF16_DOT
 #ifndef ROW_VECS
 #define ROW_VECS 3
@@ -319,7 +321,6 @@ static attend_vec_fn pick_vec(int group, int head_dim, int is_bf16, int *bf16_do
 #define D_STEP 8              /* output dims accumulated together in P.V */
 #define MIN_RUN_TOKENS 4
 
-typedef struct { int32_t t0, tokens, r0; } row_block;   /* run's first token, its length, row */
 
 typedef struct {   /* one thread's scratch for attend_block, 64-byte aligned */
     uint32_t q[ROW_VECS][MAX_HEAD_DIM / 2][16];   /* bf16 query pairs, rows in lanes */
@@ -526,6 +527,7 @@ static void attend_block_128(block_scratch *w, row_block block, int h, int group
 #endif
 
 /* ---- which tokens go in row blocks ---- */
+#if HAVE_BF16_DOT   /* the row-block path exists only with the bf16 dot product */
 static int prefill_blocks_enabled(void) {   /* read at every call (~1 us): A/B in one process */
     const char *value = getenv("LLMSERVE_CPU_PREFILL_BLOCKS");
     return !(value != NULL && strcmp(value, "0") == 0);
@@ -551,6 +553,7 @@ static int plan_row_blocks(const int32_t *slots, const int32_t *seq_lens, int to
     }
     return count;
 }
+#endif
 
 /* Returns 0; -1 for unsupported sizes or out of memory; -2 when a slot or seq_len lies outside
  * the table (nothing read then). out is contiguous, in q's dtype. */
