@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO_ROOT, Services, machine_info, wait_for_quiet  # noqa: E402
+from bench.common import (REPO_ROOT, Services, machine_busy_s, machine_info,  # noqa: E402
+                          proc_table, tree_cpu_s, wait_for_quiet)
 
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def request_count(args: argparse.Namespace, concurrency: int) -> int:
@@ -58,39 +58,6 @@ METRICS = ("output_tokens_per_s", "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", 
 
 
 # ---- CPU accounting ------------------------------------------------------------------------------
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds of the process plus its reaped children)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        utime, stime, cutime, cstime = (int(v) for v in rest[11:15])
-        table[int(entry.name)] = (int(rest[1]), (utime + stime + cutime + cstime) / _TICK)
-    return table
-
-
-def _tree_seconds(table: dict[int, tuple[int, float]], root: int) -> float:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += table.get(pid, (0, 0.0))[1]
-        todo.extend(children.get(pid, []))
-    return total
-
-
-def _machine_busy_s() -> float:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
 @dataclass(slots=True)
 class CpuSample:
     """Cumulative CPU seconds at one wall-clock instant."""
@@ -115,12 +82,12 @@ class CpuSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def sample(self) -> None:
-        table = _proc_table()
+        table = proc_table(include_reaped=True)
         if self.tool_pid > 0 and self.tool_pid in table:
-            self.tool_seconds = _tree_seconds(table, self.tool_pid)
-        self.samples.append(CpuSample(time.time(), _machine_busy_s(),
-                                      _tree_seconds(table, self.engine_pid),
-                                      _tree_seconds(table, self.tokenizer_pid), self.tool_seconds))
+            self.tool_seconds = tree_cpu_s(table, self.tool_pid)
+        self.samples.append(CpuSample(time.time(), machine_busy_s(),
+                                      tree_cpu_s(table, self.engine_pid),
+                                      tree_cpu_s(table, self.tokenizer_pid), self.tool_seconds))
 
     def start(self) -> None:
         def loop() -> None:

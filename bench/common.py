@@ -83,15 +83,17 @@ def machine_info() -> dict[str, object]:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _machine_busy_s() -> float:
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot (/proc/stat)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / _TICK
 
 
-def _tree_cpu_s(root_pid: int) -> float:
-    """CPU seconds used so far by `root_pid` and every live descendant."""
-    stats: dict[int, tuple[int, float]] = {}
+def proc_table(include_reaped: bool = False) -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far), for every live process; with include_reaped,
+    each process's seconds also count its children that have exited."""
+    table: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -99,16 +101,29 @@ def _tree_cpu_s(root_pid: int) -> float:
             rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        stats[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
+        ticks = int(rest[11]) + int(rest[12])
+        if include_reaped:
+            ticks += int(rest[13]) + int(rest[14])
+        table[int(entry.name)] = (int(rest[1]), ticks / _TICK)
+    return table
+
+
+def tree_cpu_s(table: dict[int, tuple[int, float]], root_pid: int) -> float:
+    """CPU seconds of `root_pid` and every live descendant in a `proc_table`."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     total, todo = 0.0, [root_pid]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, (0, 0.0))[1]
+        total += table.get(pid, (0, 0.0))[1]
         todo.extend(children.get(pid, []))
     return total
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds used so far by `root_pid` and every live descendant."""
+    return tree_cpu_s(proc_table(), root_pid)
 
 
 class OtherLoad:
@@ -122,7 +137,7 @@ class OtherLoad:
         self.ours_cores = 0.0
 
     def __enter__(self) -> "OtherLoad":
-        self._start = (time.perf_counter(), _machine_busy_s(), _tree_cpu_s(os.getpid()))
+        self._start = (time.perf_counter(), machine_busy_s(), _tree_cpu_s(os.getpid()))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -130,7 +145,7 @@ class OtherLoad:
         elapsed = max(time.perf_counter() - wall, 1e-9)
         ours_s = _tree_cpu_s(os.getpid()) - ours
         self.ours_cores = ours_s / elapsed
-        self.others_cores = max(0.0, (_machine_busy_s() - busy - ours_s) / elapsed)
+        self.others_cores = max(0.0, (machine_busy_s() - busy - ours_s) / elapsed)
 
 
 def add_quiet_machine_args(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -153,9 +168,9 @@ def wait_for_quiet(max_wait_s: float = 600.0, busy_below: float = 0.3, window_s:
     """
     deadline, quiet = time.monotonic() + max_wait_s, 0
     while time.monotonic() < deadline:
-        before = _machine_busy_s()
+        before = machine_busy_s()
         time.sleep(window_s)
-        quiet = quiet + 1 if (_machine_busy_s() - before) / window_s < busy_below else 0
+        quiet = quiet + 1 if (machine_busy_s() - before) / window_s < busy_below else 0
         if quiet >= windows:
             return True
     return False

@@ -5,8 +5,6 @@ the per-token path (LLMSERVE_CPU_PREFILL_BLOCKS=0), mixed with decode tokens as 
 loop passes them, and for a row's independence of how its prompt was chunked."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,17 +15,8 @@ from tests.kernels.helpers import assert_close, make_pool_batch, naive_attention
 LIB = cpu_native.load()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-pytestmark = pytest.mark.skipif(LIB is None or "avx512_bf16" not in _cpu_flags(),
+# gemm_bf16_available: the library was built with AVX512-BF16, as the row-block path needs
+pytestmark = pytest.mark.skipif(LIB is None or not LIB.gemm_bf16_available(),
                                 reason="the row-block path needs the C kernels and AVX512-BF16")
 SHAPES = [(9, 3, 64), (8, 1, 128), (4, 4, 64), (16, 2, 128), (6, 2, 64)]   # q, kv heads, d
 
