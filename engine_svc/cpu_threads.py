@@ -10,6 +10,9 @@ Two decisions, both logged:
   descheduled for a whole time slice at a time and every parallel region waits for it (a 2-core
   machine with one busy neighbour went from ~300 to 4 tok/s). So the governor runs the team on
   the cores others leave free (at least one thread), and goes back up when they are free again.
+  It measures only while the engine is stepping: time spent idle (waiting for requests) is left
+  out, or a neighbour that runs while the engine waits (a benchmark's other half, a batch job
+  between bursts) would read as contention and hold the engine at one thread once it is back.
 """
 from __future__ import annotations
 
@@ -129,7 +132,8 @@ class ThreadGovernor:
                  machine_busy: Callable[[], float] = machine_busy_seconds,
                  own_busy: Callable[[], float] = own_busy_seconds,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """max_threads: the CPU budget; confirm: samples in a row that must agree on a change."""
+        """max_threads: the CPU budget; interval_s: stepping time per sample; confirm: samples
+        in a row that must agree on a change."""
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.max_threads = max_threads
@@ -138,24 +142,46 @@ class ThreadGovernor:
         self._set_threads = set_threads
         self._interval_s, self._confirm = interval_s, confirm
         self._machine_busy, self._own_busy, self._clock = machine_busy, own_busy, clock
-        self._last = (clock(), machine_busy(), own_busy())
+        # (clock, machine busy, own busy) where the current stretch of stepping began;
+        # None while the engine is idle
+        self._since: tuple[float, float, float] | None = self._snapshot()
+        self._stepped_s = self._others_s = 0.0   # this sample so far: stepping time, others' CPU
         self._proposal, self._votes = max_threads, 0
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        return self._clock(), self._machine_busy(), self._own_busy()
+
+    def _close_stretch(self) -> None:
+        """Add the stretch of stepping since `_since` to the sample being gathered."""
+        then, machine_then, own_then = self._since
+        now, machine, own = self._since = self._snapshot()
+        self._stepped_s += now - then
+        self._others_s += max(0.0, (machine - machine_then) - (own - own_then))
 
     def target(self, others_cpus: float) -> int:
         """Threads for the cores left free (rounded to nearest, at least 1)."""
         free = self.max_threads - others_cpus
         return max(1, min(self.max_threads, math.floor(free + 0.5)))
 
+    def pause(self) -> None:
+        """Call when the engine goes idle: what others run until the next tick is not counted."""
+        if self._since is not None:
+            self._close_stretch()
+            self._since = None
+
     def tick(self) -> int | None:
-        """Call between steps; returns the new thread count when it changed, else None."""
-        now = self._clock()
-        then, machine_then, own_then = self._last
-        if now - then < self._interval_s:
+        """Call before each step; returns the new thread count when it changed, else None."""
+        if self._since is None:                      # back from idle: a new stretch begins
+            self._since = self._snapshot()
             return None
-        machine, own = self._machine_busy(), self._own_busy()
-        self._last = (now, machine, own)
-        self.others_cpus = max(0.0, ((machine - machine_then) - (own - own_then)) / (now - then))
-        proposal = self.target(self.others_cpus)
+        if self._stepped_s + self._clock() - self._since[0] < self._interval_s:
+            return None
+        self._close_stretch()
+        self.others_cpus = self._others_s / max(self._stepped_s, 1e-9)
+        self._stepped_s = self._others_s = 0.0
+        return self._vote(self.target(self.others_cpus))
+
+    def _vote(self, proposal: int) -> int | None:
         if proposal == self.threads:
             self._votes = 0
             return None

@@ -205,6 +205,7 @@ class LLMEngine:
         """Block until a command arrives (or timeout) when there is nothing to run."""
         if self.scheduler.has_work() or not self._inbox.empty():
             return
+        self.runner.idle()
         self._wakeup.wait(timeout)
         self._wakeup.clear()   # commands are queued before the event is set: none is missed
 

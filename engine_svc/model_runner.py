@@ -199,6 +199,11 @@ class ModelRunner:
         sampled = self._execute(plan)
         return None if sampled is None else outputs_to_host(sampled)
 
+    def idle(self) -> None:
+        """The engine has nothing to run: the thread governor stops measuring until the next step."""
+        if self.thread_governor is not None:
+            self.thread_governor.pause()
+
     def _execute(self, plan: StepPlan) -> SamplerOutput | None:
         if self.thread_governor is not None:
             self.thread_governor.tick()   # a clock read; /proc twice a second

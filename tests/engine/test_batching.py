@@ -210,3 +210,22 @@ def test_add_then_abort_before_the_loop_wakes(tiny_dir):
     outputs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outputs] == [("a", FinishReason.ABORTED)]
     assert not engine.has_work() and engine.pool.is_idle()
+
+
+def test_the_thread_governor_pauses_only_while_the_engine_waits(tiny_dir):
+    """Idle time is not measured as contention: wait_for_work pauses the governor, steps don't."""
+    threads = torch.get_num_threads()
+    try:
+        engine = make_engine(tiny_dir, cpu_threads=2, adaptive_threads=True)
+        governor = engine.runner.thread_governor
+        pauses = []
+        governor.pause = lambda: pauses.append(engine.has_work())
+        engine.add_request("a", [5, 6, 7], GREEDY, StoppingParams(max_new_tokens=3))
+        engine.wait_for_work(timeout=0.01)      # work queued: returns at once, no pause
+        assert pauses == []
+        while engine.has_work():
+            engine.step()
+        engine.wait_for_work(timeout=0.01)      # nothing to run: the governor stops measuring
+        assert pauses == [False]
+    finally:
+        torch.set_num_threads(threads)

@@ -135,6 +135,36 @@ def test_flapping_samples_do_not_change_threads() -> None:
     assert calls == []
 
 
+def test_load_while_the_engine_idles_is_not_contention() -> None:
+    # bursts of stepping on a quiet machine; between them the engine waits and a neighbour runs
+    # both cores (a benchmark's other half): before, each burst's first sample spanned the wait
+    # and read as 2 busy CPUs, which dropped the engine to one thread and kept it there
+    gov, fake, calls = governor()
+    for _ in range(12):
+        gov.tick()
+        for _ in range(3):                             # 0.3 s of steps, nobody else running
+            fake.advance(0.1, own_cpus=2.0, other_cpus=0.0)
+            gov.tick()
+        gov.pause()                                    # the engine waits for requests
+        fake.advance(1.0, own_cpus=0.0, other_cpus=2.0)
+    assert calls == [] and gov.threads == 2
+
+
+def test_short_bursts_under_a_hog_add_up_to_samples() -> None:
+    # the same short bursts, but a hog shares the cores while the engine steps: the stretches
+    # of stepping add up to full samples and the engine still gives the hog its core
+    gov, fake, calls = governor()
+    for _ in range(6):
+        gov.tick()
+        for _ in range(3):
+            fake.advance(0.1, own_cpus=1.2, other_cpus=0.8)
+            gov.tick()
+        gov.pause()
+        fake.advance(1.0, own_cpus=0.0, other_cpus=1.0)
+    assert calls == [1] and gov.threads == 1
+    assert gov.others_cpus == pytest.approx(0.8)
+
+
 def test_rejects_no_threads() -> None:
     with pytest.raises(ValueError, match="max_threads"):
         ThreadGovernor(0, lambda n: None)
