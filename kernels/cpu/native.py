@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in (
-    "pool_attention.c", "elementwise.c", "gemm_bf16.c", "gemm_quant.c", "forward_layers.c")]
-HEADERS = [CSRC / "vec16.h", CSRC / "kernels.h"]
+    "pool_attention.c", "prefill_blocks.c", "elementwise.c", "gemm_bf16.c", "gemm_quant.c",
+    "forward_layers.c")]
+HEADERS = [CSRC / name for name in ("vec16.h", "kernels.h", "pool_attention.h")]
 # vector sums need reassociation (-fassociative-math and the two flags it requires); not
 # -ffast-math: gcc then links crtfastmath.o, which turns on flush-to-zero for the whole process.
 # No contraction into FMAs: the bf16 rounding steps must match torch's.

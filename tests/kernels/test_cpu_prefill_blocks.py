@@ -1,4 +1,4 @@
-"""The row-block prefill path of kernels/cpu/csrc/pool_attention.c (bf16 pool, AVX512-BF16,
+"""The row-block prefill path of kernels/cpu/csrc/prefill_blocks.c (bf16 pool, AVX512-BF16,
 head_dim 64/128, groups 1-8): runs of >= 4 consecutive tokens of one request, their query rows
 in vector lanes, an online softmax over key tiles. Checked against float64 attention, against
 the per-token path (LLMSERVE_CPU_PREFILL_BLOCKS=0), mixed with decode tokens as the C layer
