@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kernels.cpu import native
+
 log = logging.getLogger(__name__)
 
 BUCKET_ROWS: tuple[int, ...] = (1, 8, 32, 256, 2048)
@@ -258,27 +260,14 @@ def last_level_cache_bytes() -> int:
 
 def cpu_has_amx() -> bool:
     """Whether /proc/cpuinfo lists AMX tiles with bf16."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return {"amx_tile", "amx_bf16"} <= set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return False
+    return {"amx_tile", "amx_bf16"} <= native.cpu_flags()
 
 
 def cpu_identity() -> dict[str, str]:
-    """The CPU's model name and feature flags (from /proc/cpuinfo)."""
-    model, flags = "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpu_flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    """The CPU's model name and a hash of its feature flags (from /proc/cpuinfo)."""
+    info = native.cpu_info()
+    return {"cpu_model": info.model or "unknown",
+            "cpu_flags_sha": hashlib.sha256(info.flags_text.encode()).hexdigest()[:16]}
 
 
 def cache_key(identity: dict[str, object]) -> str:

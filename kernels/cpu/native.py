@@ -11,6 +11,7 @@ compiler (or LLMSERVE_NATIVE=0), `load()` returns None and callers use the SDPA 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,12 +51,57 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _cpu_signature() -> str:
+@dataclass(frozen=True, slots=True)
+class CpuInfo:
+    """The first processor's model name and feature flags as /proc/cpuinfo lists them."""
+
+    model: str         # its "model name" entry ("" when absent)
+    flags_text: str    # its "flags" entry as listed, space-separated ("" when absent)
+    readable: bool     # False: /proc/cpuinfo could not be read (then both are "")
+
+    @property
+    def flags(self) -> frozenset[str]:
+        """The feature flags as a set ("avx512_bf16", "amx_tile", ...)."""
+        return frozenset(self.flags_text.split())
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The first "model name" and "flags" entries of /proc/cpuinfo's text."""
+    model: str | None = None
+    flags: str | None = None
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        if model is None and name.startswith("model name"):
+            model = value.strip()
+        elif flags is None and name.startswith("flags"):
+            flags = value.strip()
+        if model is not None and flags is not None:
+            break
+    return CpuInfo(model or "", flags or "", readable=True)
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This CPU's model name and flags from /proc/cpuinfo, read once per process (the one
+    reader of that file for kernels/cpu: the build key here, gemm_choice's AMX test and its
+    cache identity)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
-        return platform.processor()
+        return CpuInfo("", "", readable=False)
+    return parse_cpuinfo(text)
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty when unreadable)."""
+    return cpu_info().flags
+
+
+def _cpu_signature() -> str:
+    info = cpu_info()
+    return info.flags_text if info.readable else platform.processor()
 
 
 def _compiler() -> str | None:

@@ -285,3 +285,29 @@ def test_argmax_rows_equals_torch_on_ties_nan_and_strided_rows() -> None:
     assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
     with pytest.raises(ValueError, match="float32"):
         cpu_native.argmax_rows(LIB, x.double())
+
+
+CPUINFO = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6430\n"
+           "flags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\nbugs\t\t: spectre_v1\n\n"
+           "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+
+
+def test_cpuinfo_gives_the_first_processors_model_and_flags() -> None:
+    info = cpu_native.parse_cpuinfo(CPUINFO)
+    assert info.model == "Intel(R) Xeon(R) Gold 6430" and info.readable
+    assert info.flags_text == "fpu avx512f avx512_bf16 amx_tile amx_bf16"
+    assert info.flags == frozenset({"fpu", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})
+    bare = cpu_native.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd\n")   # as on aarch64
+    assert (bare.model, bare.flags_text, bare.flags) == ("", "", frozenset())
+
+
+def test_the_build_key_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    signatures = []
+    for info in (cpu_native.CpuInfo("x", "avx2 fma", True),
+                 cpu_native.CpuInfo("x", "avx2 fma avx512f", True),
+                 cpu_native.CpuInfo("", "", False)):
+        monkeypatch.setattr(cpu_native, "cpu_info", lambda info=info: info)
+        signatures.append(cpu_native._cpu_signature())
+    assert signatures[0] == "avx2 fma" and signatures[0] != signatures[1]
+    assert cpu_native.cpu_flags() == frozenset()   # unreadable: no flags, the processor's name
+    assert signatures[2] == cpu_native.platform.processor()

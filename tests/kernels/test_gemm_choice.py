@@ -2,6 +2,7 @@
 timings, the cache, and that both implementations behind `chosen_linear` give the product."""
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from kernels.cpu import gemm_choice as gc
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu import native
 from kernels.cpu import quant_linear
 from kernels.quant import quantize
 
@@ -400,3 +402,18 @@ def test_prepare_weights_gives_quantized_shapes_their_measured_routes(monkeypatc
     y = cpu_linear.model_linear(packed)(x, packed.layers[0].qkv_proj, None)
     assert torch.equal(y, quant_linear._ROUTE_FNS[dequant](x, packed.layers[0].qkv_proj))
     assert cpu_linear.plan_of(packed.lm_head).onednn is not None   # oneDNN from 32 rows
+
+
+def test_amx_and_the_cache_identity_read_native_cpu_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMX needs amx_tile and amx_bf16; the identity hashes the flags text as listed (the key
+    of tables cached before the one cpuinfo reader)."""
+    flags = "avx512f avx512_bf16 amx_tile amx_bf16"
+    monkeypatch.setattr(native, "cpu_info", lambda: native.CpuInfo("Xeon", flags, True))
+    assert gc.cpu_has_amx()
+    assert gc.cpu_identity() == {"cpu_model": "Xeon",
+                                 "cpu_flags_sha": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    monkeypatch.setattr(native, "cpu_info", lambda: native.CpuInfo("", "avx512f amx_tile", True))
+    assert not gc.cpu_has_amx() and gc.cpu_identity()["cpu_model"] == "unknown"
+    monkeypatch.setattr(native, "cpu_info", lambda: native.CpuInfo("", "", False))
+    assert not gc.cpu_has_amx()
+    assert gc.cpu_identity()["cpu_flags_sha"] == hashlib.sha256(b"").hexdigest()[:16]
