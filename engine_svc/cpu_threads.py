@@ -10,7 +10,8 @@ Two decisions, both logged:
   descheduled for a whole time slice at a time and every parallel region waits for it (a 2-core
   machine with one busy neighbour went from ~300 to 4 tok/s). So the governor runs the team on
   the cores others leave free (at least one thread), and goes back up when they are free again.
-  It measures only while the engine is stepping: time spent idle (waiting for requests) is left
+  It also reads the CPU budget again at each sample, so a quota lowered or raised after start
+  (a resized Kubernetes pod, `systemctl set-property`) resizes the team. It measures only while the engine is stepping: time spent idle (waiting for requests) is left
   out, or a neighbour that runs while the engine waits (a benchmark's other half, a batch job
   between bursts) would read as contention and hold the engine at one thread once it is back.
 """
@@ -131,17 +132,21 @@ class ThreadGovernor:
                  interval_s: float = 0.5, confirm: int = 2,
                  machine_busy: Callable[[], float] = machine_busy_seconds,
                  own_busy: Callable[[], float] = own_busy_seconds,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """max_threads: the CPU budget; interval_s: stepping time per sample; confirm: samples
-        in a row that must agree on a change."""
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu_budget: Callable[[], int] | None = None) -> None:
+        """max_threads: the most threads ever run; interval_s: stepping time per sample;
+        confirm: samples in a row that must agree on a change; cpu_budget: read at each sample,
+        the CPUs this process may use now (a cgroup quota lowered or raised after start)."""
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.max_threads = max_threads
         self.threads = max_threads
         self.others_cpus = 0.0           # last sample: CPUs other processes kept busy
+        self.budget_cpus = max_threads   # last sample: CPUs usable now (affinity, cgroup quota)
         self._set_threads = set_threads
         self._interval_s, self._confirm = interval_s, confirm
         self._machine_busy, self._own_busy, self._clock = machine_busy, own_busy, clock
+        self._cpu_budget = cpu_budget
         # (clock, machine busy, own busy) where the current stretch of stepping began;
         # None while the engine is idle
         self._since: tuple[float, float, float] | None = self._snapshot()
@@ -179,7 +184,9 @@ class ThreadGovernor:
         self._close_stretch()
         self.others_cpus = self._others_s / max(self._stepped_s, 1e-9)
         self._stepped_s = self._others_s = 0.0
-        return self._vote(self.target(self.others_cpus))
+        if self._cpu_budget is not None:
+            self.budget_cpus = max(1, min(self.max_threads, self._cpu_budget()))
+        return self._vote(min(self.target(self.others_cpus), self.budget_cpus))
 
     def _vote(self, proposal: int) -> int | None:
         if proposal == self.threads:
@@ -189,8 +196,8 @@ class ThreadGovernor:
         self._proposal = proposal
         if self._votes < self._confirm:
             return None
-        log.info("CPU threads %d -> %d (other processes keep %.2f of %d CPUs busy)",
-                 self.threads, proposal, self.others_cpus, self.max_threads)
+        log.info("CPU threads %d -> %d (other processes keep %.2f of %d CPUs busy; %d usable now)",
+                 self.threads, proposal, self.others_cpus, self.max_threads, self.budget_cpus)
         self.threads, self._votes = proposal, 0
         self._set_threads(proposal)
         return proposal
@@ -213,7 +220,9 @@ def start_cpu_threads(requested: int | None, adaptive: bool) -> ThreadGovernor |
     else:
         threads, why = budget.cpus, budget.source
     torch.set_num_threads(threads)
-    governor = ThreadGovernor(threads, torch.set_num_threads) if adaptive and threads > 1 else None
+    governor = (ThreadGovernor(threads, torch.set_num_threads,
+                               cpu_budget=lambda: usable_cpus().cpus)
+                if adaptive and threads > 1 else None)
     log.info("CPU threads: %d (%s; %d CPUs usable here); %s", threads, why, budget.cpus,
              "fewer while other processes keep cores busy (--no-adaptive-threads: fixed)"
              if governor else "fixed")

@@ -165,6 +165,25 @@ def test_short_bursts_under_a_hog_add_up_to_samples() -> None:
     assert gov.others_cpus == pytest.approx(0.8)
 
 
+def test_a_quota_changed_after_start_resizes_the_team() -> None:
+    fake, calls, budget = FakeMachine(), [], [2]
+    gov = ThreadGovernor(2, calls.append, interval_s=0.5, confirm=2,
+                         machine_busy=lambda: fake.machine, own_busy=lambda: fake.own,
+                         clock=lambda: fake.now, cpu_budget=lambda: budget[0])
+    fake.advance(0.5, own_cpus=1.0, other_cpus=0.0)
+    assert gov.tick() is None
+    budget[0] = 1                                      # a 1-CPU quota set on the running engine
+    for _ in range(2):
+        fake.advance(0.5, own_cpus=1.0, other_cpus=0.0)   # nobody else busy: only the quota
+        gov.tick()
+    assert calls == [1] and gov.budget_cpus == 1
+    budget[0] = 8                                      # raised past the start size: back to 2
+    for _ in range(2):
+        fake.advance(0.5, own_cpus=1.0, other_cpus=0.0)
+        gov.tick()
+    assert calls == [1, 2] and gov.threads == 2
+
+
 def test_rejects_no_threads() -> None:
     with pytest.raises(ValueError, match="max_threads"):
         ThreadGovernor(0, lambda n: None)
