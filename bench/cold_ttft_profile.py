@@ -139,7 +139,7 @@ def profile_main(args: argparse.Namespace, threads: dict) -> int:
     from tokenizers import Tokenizer
 
     from bench.cold_ttft import window_starts
-    from engine_svc.weights import ModelConfig
+    from engine_svc.model_config import ModelConfig
 
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8")).ids

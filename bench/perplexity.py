@@ -89,7 +89,8 @@ def build_model(model_dir: Path, variant: str, group_size: int, products: str, m
     import torch
 
     from engine_svc.models.llama import LlamaModel
-    from engine_svc.weights import ModelConfig, load_weights
+    from engine_svc.model_config import ModelConfig
+    from engine_svc.weights import load_weights
     from kernels.backend import get_ops
 
     dtype_name, quantization = VARIANTS[variant]

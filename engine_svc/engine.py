@@ -25,7 +25,7 @@ from engine_svc.params import MAX_SAMPLES, FinishReason, SamplingParams, Stoppin
 from engine_svc.prefix_cache import PrefixCache
 from engine_svc.scheduler import QueueFullError, Scheduler, StepPlan
 from engine_svc.sequence import Sequence, SeqStatus, make_samples
-from engine_svc.weights import ModelConfig
+from engine_svc.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 

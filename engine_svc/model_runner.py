@@ -23,13 +23,14 @@ from engine_svc.forward_batch import ForwardBatch, KVCache
 from engine_svc.grammar import TokenMasks
 from engine_svc.kv_sizing import (CudaMemory, DeviceMemory, MemoryBudget, graph_reserve_bytes,
                                   read_budget)
+from engine_svc.model_config import ModelConfig
 from engine_svc.models.llama import LlamaModel
 from engine_svc.profile_step import profile_worst_step
 from engine_svc.req_to_token import ReqToTokenTable
 from engine_svc.sampler import Sampler, SamplerOutput, seeded_generator
 from engine_svc.scheduler import ScheduledChunk, StepPlan
 from engine_svc.step_staging import StepStaging, outputs_to_host
-from engine_svc.weights import ModelConfig, dense_weight_bytes, load_weights
+from engine_svc.weights import dense_weight_bytes, load_weights
 from kernels.backend import get_ops, resolve_backend
 from kernels.triton.launch import interpret_mode, persist_triton_cache
 

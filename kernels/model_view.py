@@ -1,8 +1,9 @@
 """What the backends' model-level extras read of the model they serve, as structural types.
 
-engine_svc's ModelConfig, ModelWeights (engine_svc/weights.py), ForwardBatch and KVCache
-(engine_svc/forward_batch.py) fit these by field name, so kernels/ imports nothing from engine_svc
-and the import graph keeps one direction (tests/unit/test_import_graph.py).
+engine_svc's ModelConfig (engine_svc/model_config.py), ModelWeights (engine_svc/weights.py),
+ForwardBatch and KVCache (engine_svc/forward_batch.py) fit these by field name, so kernels/
+imports nothing from engine_svc and the import graph keeps one direction
+(tests/unit/test_import_graph.py).
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine_svc.forward_batch import ForwardBatch, KVCache
-from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
+from engine_svc.model_config import ModelConfig
+from engine_svc.weights import LayerWeights, ModelWeights
 from kernels.backend import KernelOps
 
 

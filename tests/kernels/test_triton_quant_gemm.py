@@ -232,7 +232,8 @@ def fresh_triton_modules() -> Iterator[None]:
 def _tiny_model(device: torch.device):
     """A 2-layer Llama-shaped model (with a QKV bias) whose projections and LM head are each of
     another quantized format, fp32, on `device`."""
-    from engine_svc.weights import LayerWeights, ModelConfig, ModelWeights
+    from engine_svc.model_config import ModelConfig
+    from engine_svc.weights import LayerWeights, ModelWeights
 
     config = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=96,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,

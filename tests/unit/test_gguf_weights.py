@@ -17,7 +17,8 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from engine_svc import convert_gguf  # noqa: E402
 from engine_svc.gguf_file import GgufFile, MetadataView  # noqa: E402
 from engine_svc.gguf_weights import read_tensor  # noqa: E402
-from engine_svc.weights import ModelConfig, load_weights  # noqa: E402
+from engine_svc.model_config import ModelConfig  # noqa: E402
+from engine_svc.weights import load_weights  # noqa: E402
 from kernels.quant import QuantizedWeight, check, dequantize  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 96, 4, 2, 16, 96, 3

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from engine_svc.config import EngineConfig
 from engine_svc.model_runner import weight_bytes
-from engine_svc.weights import ModelConfig, dense_weight_bytes, load_weights
+from engine_svc.model_config import ModelConfig
+from engine_svc.weights import dense_weight_bytes, load_weights
 from kernels.quant import QuantizedWeight, check, dequantize
 
 CPU = torch.device("cpu")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_svc.weights import ModelConfig, load_weights
+from engine_svc.model_config import ModelConfig
+from engine_svc.weights import load_weights
 
 LLAMA_RAW: dict[str, Any] = {
     "model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
