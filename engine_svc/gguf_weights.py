@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine_svc.convert_gguf import (KEPT_GGUF, ConversionError, GgufHyperParams,
-                                     hf_tensor_name, read_hyper_params, unpermute_qk)
+from engine_svc.convert_gguf import KEPT_GGUF, hf_tensor_name, unpermute_qk
+from engine_svc.gguf_metadata import ConversionError, GgufHyperParams, read_hyper_params
 from engine_svc.gguf_file import GgufFile, GgufTensor, MetadataView
 from kernels.quant import QuantizedWeight, dequantize
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine_svc import convert_gguf
-from engine_svc.convert_gguf import ConversionError, hf_tensor_name, main, unpermute_qk
+from engine_svc.convert_gguf import hf_tensor_name, main, unpermute_qk
+from engine_svc.gguf_metadata import ConversionError
 
 # ---------------------------------------------------------------- Q/K permutation
 

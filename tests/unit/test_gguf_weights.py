@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from engine_svc import convert_gguf  # noqa: E402
 from engine_svc.gguf_file import GgufFile, MetadataView  # noqa: E402
+from engine_svc.gguf_metadata import ConversionError, read_hyper_params  # noqa: E402
 from engine_svc.gguf_weights import read_tensor  # noqa: E402
 from engine_svc.model_config import ModelConfig  # noqa: E402
 from engine_svc.weights import load_weights  # noqa: E402
@@ -98,8 +99,8 @@ def test_unsupported_type_names_tensor_and_type(tmp_path: Path) -> None:
 def test_metadata_matches_gguf_reader(tmp_path: Path) -> None:
     meta = llama_metadata()
     write_gguf(tmp_path / "m.gguf", {"w": (awkward_values(4, 64, 2), QT.F32)}, meta)
-    ours = convert_gguf.read_hyper_params(MetadataView(GgufFile(tmp_path / "m.gguf").metadata))
-    theirs = convert_gguf.read_hyper_params(gguf.GGUFReader(str(tmp_path / "m.gguf")))
+    ours = read_hyper_params(MetadataView(GgufFile(tmp_path / "m.gguf").metadata))
+    theirs = read_hyper_params(gguf.GGUFReader(str(tmp_path / "m.gguf")))
     assert ours == theirs
     assert ours.num_kv_heads == KV_HEADS and ours.rms_norm_eps == pytest.approx(1e-5)
 
@@ -152,7 +153,7 @@ def tiny_llama_gguf(model_dir: Path, projection_kind: QT = QT.Q4_1,
             tensors[f"blk.{layer}.{name}.weight"] = (1 + rand(HIDDEN), QT.F32)
     model_dir.mkdir(parents=True, exist_ok=True)
     write_gguf(model_dir / "model.gguf", tensors, llama_metadata())
-    hp = convert_gguf.read_hyper_params(MetadataView(GgufFile(model_dir / "model.gguf").metadata))
+    hp = read_hyper_params(MetadataView(GgufFile(model_dir / "model.gguf").metadata))
     config = convert_gguf.model_config(hp, VOCAB, tied, {"bos": 1, "eos": 2, "pad": 2})
     (model_dir / "config.json").write_text(json.dumps(config))
     return model_dir
@@ -161,7 +162,7 @@ def tiny_llama_gguf(model_dir: Path, projection_kind: QT = QT.Q4_1,
 def converted_fp32(model_dir: Path) -> dict[str, torch.Tensor]:
     """What convert_gguf writes into model.safetensors for this GGUF (float32, Q/K un-permuted)."""
     reader = gguf.GGUFReader(str(model_dir / "model.gguf"))
-    return convert_gguf.convert_tensors(reader, convert_gguf.read_hyper_params(reader))
+    return convert_gguf.convert_tensors(reader, read_hyper_params(reader))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -225,7 +226,7 @@ def test_converter_adds_model_gguf_to_an_older_conversion(tmp_path: Path) -> Non
     other = tmp_path / "other.gguf"
     other.write_bytes(source.read_bytes())
     (out / "model.gguf").unlink()
-    with pytest.raises(convert_gguf.ConversionError, match="converted from model.gguf"):
+    with pytest.raises(ConversionError, match="converted from model.gguf"):
         convert_gguf.run(out, str(other))
 
 
