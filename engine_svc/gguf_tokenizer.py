@@ -6,11 +6,11 @@ user-defined tokens are the special tokens of `tokenizer_config.json` and
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from engine_svc.gguf_metadata import ConversionError, GgufHyperParams, metadata_field
+from engine_svc.model_config import write_json_object
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -84,11 +84,6 @@ def write_tokenizer_files(reader: Any, out_dir: Path, hp: GgufHyperParams) -> di
     template = metadata_field(reader, "tokenizer.chat_template", "")
     if template:
         tokenizer_config["chat_template"] = template
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
-    _write_json(out_dir / "special_tokens_map.json", names)
+    write_json_object(out_dir / "tokenizer_config.json", tokenizer_config)
+    write_json_object(out_dir / "special_tokens_map.json", names)
     return ids
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """A JSON file formatted as convert_gguf writes config.json (indent 2, UTF-8, final newline)."""
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

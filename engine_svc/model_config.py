@@ -25,6 +25,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return payload
 
 
+
+def write_json_object(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as the converter writes config.json (indent 2, UTF-8, final newline)."""
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
 def _int_field(raw: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
     value = raw.get(key)
     if value is None:  # absent or null: the default, if there is one
